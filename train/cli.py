@@ -1,0 +1,240 @@
+"""The ``mtf`` command line.
+
+    mtf train CONFIG [key=value ...]        train (under `accelerate launch` for several processes)
+    mtf validate CONFIG [key=value ...]     check a config, its mixtures, templates, model config and tokenizer
+    mtf eval MODEL_DIR --mixture FILE       zero-shot evaluation of any checkpoint
+    mtf templates lint PATH...              load (and with --data, render) PromptSource template files
+    mtf tasks preview TASK_OR_MIXTURE       print rendered examples
+    mtf mixture show MIXTURE                per-task rates, shares, expected epochs
+
+Exit codes: 0 success, 1 internal error (a bug: traceback printed), 2 user error (config or data: one
+paragraph, no traceback unless --debug), 3 preempted (checkpoint written; requeue and resume).
+Every command that reports something takes ``--json`` and then prints one JSON document on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Optional
+
+from train.errors import EXIT_INTERNAL_ERROR, EXIT_OK, EXIT_PREEMPTED, EXIT_USER_ERROR, UserError
+
+
+def _offline_defaults() -> None:
+    # Without these every hub lookup retries for ~46 s before failing (FIELD_NOTES.md). A user with hub
+    # access sets HF_HUB_OFFLINE=0 explicitly.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+# ------------------------------------------------------------------------------------------ commands
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from train.config import load_config
+    from train.trainer import train
+
+    cfg = load_config(args.config, args.overrides)
+    summary = train(cfg)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    if rank0:
+        if args.json:
+            _print_json(summary)
+        else:
+            _print_train_summary(summary)
+    return EXIT_PREEMPTED if summary.get("stop_reason") else EXIT_OK
+
+
+def _print_train_summary(summary: dict) -> None:
+    print(f"\n[mtf] trained {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
+          f"{summary['tokens_seen']:,} tokens; run directory {summary['output_dir']}")
+    if summary.get("stop_reason"):
+        print(f"[mtf] stopped early ({summary['stop_reason']}); a checkpoint was written. "
+              "Run the same command again (trainer.resume=auto) to continue.")
+    if summary.get("eval"):
+        from train.evaluation import format_results_table
+
+        print("\nZero-shot evaluation (held-out tasks):")
+        print(format_results_table(summary["eval"]))
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from train.validation import validate_run
+
+    report = validate_run(args.config, args.overrides)
+    if args.json:
+        _print_json(report)
+    else:
+        for check in report["checks"]:
+            print(f"  ok  {check}")
+        for problem in report["problems"]:
+            print(f"  ERROR  {problem}")
+        print("valid" if not report["problems"] else f"{len(report['problems'])} problem(s) found")
+    return EXIT_OK if not report["problems"] else EXIT_USER_ERROR
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from train.evaluation import run_eval_command
+
+    results = run_eval_command(model_dir=args.model, mixture=args.mixture, kind=args.kind, tokenizer=args.tokenizer,
+                               batch_size=args.batch_size, max_examples_per_template=args.max_examples_per_template,
+                               output=args.output)
+    if results is not None:
+        if args.json:
+            _print_json(results)
+        else:
+            from train.evaluation import format_results_table
+
+            print(format_results_table(results))
+    return EXIT_OK
+
+
+def cmd_templates_lint(args: argparse.Namespace) -> int:
+    from train.templates import format_lint_report, lint_templates
+
+    report = lint_templates([Path(p) for p in args.paths], data=args.data)
+    if args.json:
+        _print_json(report)
+    else:
+        print(format_lint_report(report))
+    return EXIT_OK if not report.get("load_errors") else EXIT_USER_ERROR
+
+
+def cmd_tasks_preview(args: argparse.Namespace) -> int:
+    from train.tasks import preview
+
+    examples = preview(args.target, n=args.n)
+    if args.json:
+        _print_json(examples)
+    else:
+        for ex in examples:
+            print(f"--- {ex['task']} / {ex['template']} (row {ex['example_index']})")
+            print(f"input:   {ex['inputs']}")
+            print(f"target:  {' ||| '.join(ex['targets'])}")
+            if ex.get("answer_choices"):
+                print(f"choices: {' | '.join(ex['answer_choices'])}")
+    return EXIT_OK
+
+
+def cmd_mixture_show(args: argparse.Namespace) -> int:
+    from train.mixtures import format_mixture_report, show_mixture
+
+    report = show_mixture(args.mixture, steps=args.steps, batch_tokens=args.batch_tokens, tokenizer=args.tokenizer,
+                          kind=args.kind, samples=args.samples, plot=args.plot, seed=args.seed)
+    if args.json:
+        _print_json(report)
+    else:
+        print(format_mixture_report(report))
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------ parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mtf", description="Multitask prompted finetuning: mixtures of PromptSource-prompted tasks, exact packing, "
+        "Accelerate/DeepSpeed training and zero-shot evaluation.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Exit codes: 0 ok, 1 internal error, 2 config/data error, 3 preempted (checkpoint written).")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors too")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name, help_text, fn, parent=sub):
+        p = parent.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--debug", action="store_true", help="show tracebacks for user errors too")
+        p.set_defaults(fn=fn)
+        return p
+
+    p = add("train", "Train on a run config (YAML) with optional dotted overrides, e.g. `optim.lr=3e-4 trainer.max_steps=50`. "
+            "Writes config.yaml, metrics.jsonl, checkpoints/ and eval/ under run.output_dir.", cmd_train)
+    p.add_argument("config", help="run config, e.g. configs/demo.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides (values parsed as YAML)")
+    p.add_argument("--json", action="store_true", help="print the final summary as JSON")
+
+    p = add("validate", "Check a run config without training: keys and types, cross-field rules, the mixture files "
+            "resolve, templates render on a few examples, the model config and tokenizer load (no weights). "
+            "Lists every problem and exits 2 if there is any.", cmd_validate)
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--json", action="store_true")
+
+    p = add("eval", "Zero-shot evaluation (rank classification / generation) of a Hugging Face model directory or a "
+            "run's export on an eval mixture; prints per-template accuracy and per-dataset medians.", cmd_eval)
+    p.add_argument("model", help="model directory (config.json + weights), e.g. runs/demo/final")
+    p.add_argument("--mixture", required=True, help="eval mixture YAML, e.g. data_mixtures/demo_eval.yaml")
+    p.add_argument("--kind", default="auto", choices=["auto", "encdec", "decoder", "prefix_lm"])
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model directory)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-examples-per-template", type=int, default=None)
+    p.add_argument("--output", default=None, help="write the results JSON here")
+    p.add_argument("--json", action="store_true")
+
+    templates = sub.add_parser("templates", help="PromptSource template files").add_subparsers(dest="sub", required=True, metavar="SUBCOMMAND")
+    p = add("lint", "Load every templates.yaml under the given paths and report templates and load errors per file; "
+            "with --data, render each template on the available rows and report the success rate.", cmd_templates_lint, templates)
+    p.add_argument("paths", nargs="+")
+    p.add_argument("--data", default=None, help="a mixture YAML (or data root) whose rows to render the templates on")
+    p.add_argument("--json", action="store_true")
+
+    tasks = sub.add_parser("tasks", help="prompted tasks").add_subparsers(dest="sub", required=True, metavar="SUBCOMMAND")
+    p = add("preview", "Print rendered examples (input, target, choices) of a task or of every task in a mixture file.",
+            cmd_tasks_preview, tasks)
+    p.add_argument("target", help="a mixture/task YAML file, or FILE:TASK for one task")
+    p.add_argument("--n", type=int, default=3)
+    p.add_argument("--json", action="store_true")
+
+    mixture = sub.add_parser("mixture", help="mixtures").add_subparsers(dest="sub", required=True, metavar="SUBCOMMAND")
+    p = add("show", "Per-task examples, rate, share of samples and tokens, expected epochs for --steps and --batch-tokens "
+            "(flagging tasks repeated more than 4 times), and realised shares measured from the stream.", cmd_mixture_show, mixture)
+    p.add_argument("mixture")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch-tokens", type=int, default=65536)
+    p.add_argument("--tokenizer", default="configs/tokenizers/t5")
+    p.add_argument("--kind", default="encdec", choices=["encdec", "decoder", "prefix_lm"])
+    p.add_argument("--samples", type=int, default=20000, help="stream samples drawn to measure realised shares")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--plot", default=None, help="write a bar chart of the composition to this PNG")
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    _offline_defaults()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code = args.fn(args)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # torch+gloo sometimes aborts a rank at interpreter exit after a clean run (FIELD_NOTES.md):
+            # leave explicitly once everything is flushed.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        return code
+    except UserError as err:
+        if args.debug:
+            traceback.print_exc()
+        print(f"mtf {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("mtf: interrupted", file=sys.stderr)
+        return EXIT_INTERNAL_ERROR
+    except Exception:  # a bug: show everything
+        traceback.print_exc()
+        print("mtf: internal error (a bug; please report it with the traceback above)", file=sys.stderr)
+        return EXIT_INTERNAL_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

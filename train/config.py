@@ -1,0 +1,426 @@
+"""Typed, strict run configuration: YAML -> dataclasses, dotted overrides, cross-field checks.
+
+A run config has these sections (each a dataclass below): ``run``, ``model``, ``data``, ``optim``,
+``schedule``, ``trainer``, ``eval``, ``logging``, ``checkpoint``. Loading is strict:
+
+* an unknown key anywhere fails before any work, naming the file and the key and suggesting the
+  closest valid one (``optim.lrr`` -> "did you mean optim.lr?");
+* a value of the wrong type fails and says which type was expected;
+* impossible combinations (fp16 with a T5 model, eval every 0 steps, ...) fail in :func:`validate`,
+  which runs before any model or data is loaded.
+
+Overrides on the command line are dotted ``key=value`` pairs whose value is parsed as YAML
+(``optim.lr=3e-4 trainer.max_steps=50 eval.mixture=null``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from train.errors import ConfigError
+
+ModelKind = Literal["auto", "encdec", "decoder", "prefix_lm"]
+Precision = Literal["fp32", "bf16", "fp16"]
+LossNormalization = Literal["token_mean", "sequence_mean", "target_mean", "sum"]
+OverlongPolicy = Literal["truncate_left", "truncate_right", "truncate_target", "drop"]
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/demo"  # the run directory: config.yaml, metrics.jsonl, checkpoints/, eval/
+    name: Optional[str] = None  # shown in loggers; defaults to the output_dir's name
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: Optional[str] = None  # hub name or local HF directory with weights
+    config: Optional[str] = None  # a model config JSON (configs/models/*.json): random initialisation
+    kind: ModelKind = "auto"  # inferred from the model config when "auto"
+    tokenizer: Optional[str] = None  # hub name, local directory, or "byt5" (needs no files)
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    train_mixture: str = "data_mixtures/demo_train.yaml"
+    max_input_tokens: int = 256  # enc-dec: encoder row capacity
+    max_target_tokens: int = 64  # enc-dec: decoder row capacity
+    max_tokens: int = 512  # decoder / prefix_lm: row capacity (input + target)
+    packing: bool = True
+    pack_window: int = 64  # open rows the streaming best-fit packer keeps (bounded memory)
+    overlong: OverlongPolicy = "truncate_left"
+    max_examples_per_task: Optional[int] = None  # cap rows loaded per task (quick runs)
+    data_root: Optional[str] = None  # root that relative data paths of the mixture resolve against
+    num_proc: Optional[int] = None  # datasets.map workers for rendering/tokenizing
+    cache_dir: Optional[str] = None  # datasets cache (defaults to HF_DATASETS_CACHE)
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw", "adafactor"] = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    clip_grad_norm: Optional[float] = 1.0
+
+
+@dataclass
+class ScheduleConfig:
+    name: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = 0
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 100
+    global_batch_size: Optional[int] = 8  # rows (packed sequences) per optimizer step, over all ranks
+    global_batch_tokens: Optional[int] = None  # alternative: tokens per step; rows = tokens / row capacity
+    micro_batch_size: int = 8  # rows per forward pass per rank
+    grad_accum: Optional[int] = None  # derived from the batch, micro-batch and ranks when None
+    precision: Precision = "fp32"
+    loss_normalization: LossNormalization = "token_mean"
+    deepspeed: Optional[str] = None  # path to a DeepSpeed JSON (configs/deepspeed/*.json)
+    seed: int = 42
+    resume: str = "auto"  # "auto" (newest complete checkpoint, if any) | a checkpoint path | "none"
+    max_time: Optional[float] = None  # seconds; stop cleanly with a checkpoint when exceeded
+    nan_guard: bool = True  # stop on a non-finite loss, keeping the last good checkpoint
+    cpu: bool = False  # force CPU even when a GPU is present
+
+
+@dataclass
+class EvalConfig:
+    mixture: Optional[str] = None  # eval mixture (held-out tasks); None disables eval
+    every_steps: Optional[int] = None  # periodic eval; None = only at the end
+    at_end: bool = True
+    max_examples_per_template: Optional[int] = 64  # periodic evals; the final eval uses final_max_examples_per_template
+    final_max_examples_per_template: Optional[int] = None
+    batch_size: int = 16  # examples per scoring batch
+    best_metric: Optional[str] = None  # e.g. "eval/super_glue/copa/median": keep the best checkpoint by it
+    allow_held_out_overlap: bool = False  # train mixture may contain an eval dataset only if True
+
+
+@dataclass
+class WandbConfig:
+    mode: Literal["disabled", "offline", "online"] = "offline"
+    project: str = "mtf"
+    entity: Optional[str] = None
+
+
+@dataclass
+class LoggingConfig:
+    every_steps: int = 10
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    tensorboard: bool = False
+    progress_bar: bool = True
+    peak_tflops: Optional[float] = None  # per device; enables the MFU estimate
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: Optional[int] = None  # None = only at the end
+    keep_last: int = 2
+    export_final: bool = True  # Hugging Face format (safetensors + tokenizer) under <output_dir>/final
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    # Where the config came from; relative paths in it resolve against the current directory.
+    source: Optional[str] = field(default=None, metadata={"internal": True})
+
+
+# --------------------------------------------------------------------------------------------------
+# Building dataclasses from plain data, strictly.
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        (inner,) = typing.get_args(tp) or (Any,)
+        return f"a list of {_type_name(inner)}"
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str, file: str) -> Any:
+    """Return ``value`` checked (and losslessly converted) against the annotation ``tp``."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where, file)
+            except ConfigError as err:
+                errors.append(err)
+        raise _type_error(value, tp, where, file)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            hint = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+            extra = f" Did you mean {hint[0]!r}?" if hint else ""
+            raise ConfigError(
+                f"{file}: `{where}` is {value!r}, but it must be one of {', '.join(repr(a) for a in allowed)}.{extra}"
+            )
+        return value
+    if origin is list:
+        (inner,) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, list):
+            raise _type_error(value, tp, where, file)
+        return [_coerce(v, inner, f"{where}[{i}]", file) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise _type_error(value, tp, where, file)
+        return _build(tp, value, where, file)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _type_error(value, tp, where, file)
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)  # 1e6 in YAML is a float; accept it where it is a whole number
+        raise _type_error(value, tp, where, file)
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:  # PyYAML reads "3e-4" (no dot) as a string; accept it as the number it is
+                return float(value)
+            except ValueError:
+                pass
+        raise _type_error(value, tp, where, file)
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _type_error(value, tp, where, file)
+    raise AssertionError(f"unsupported config annotation {tp!r} at {where}")
+
+
+def _type_error(value: Any, tp: Any, where: str, file: str) -> ConfigError:
+    return ConfigError(
+        f"{file}: `{where}` is {value!r} ({type(value).__name__}), but it must be {_type_name(tp)}. "
+        f"Fix the value in the file or override it, e.g. `{where}=<{_type_name(tp)}>`."
+    )
+
+
+def _public_fields(cls: type) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
+
+
+def _build(cls: type, data: dict, prefix: str, file: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in _public_fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{prefix}.{key}" if prefix else str(key)
+        if key not in known:
+            candidates = [f"{prefix}.{k}" if prefix else k for k in known]
+            hint = difflib.get_close_matches(where, candidates, n=1, cutoff=0.6)
+            if not hint:  # a right key in the wrong section: search every section
+                hint = difflib.get_close_matches(where, all_keys(), n=1, cutoff=0.6)
+            suggestion = f" Did you mean `{hint[0]}`?" if hint else ""
+            raise ConfigError(
+                f"{file}: unknown config key `{where}`.{suggestion} "
+                f"Valid keys here: {', '.join(sorted(candidates))}."
+            )
+        kwargs[key] = _coerce(value, hints[key], where, file)
+    return cls(**kwargs)
+
+
+def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every dotted key a config accepts (``optim.lr``, ``logging.wandb.mode``, ...)."""
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in _public_fields(cls):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        keys.append(key)
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys.extend(all_keys(hints[f.name], key))
+    return keys
+
+
+# --------------------------------------------------------------------------------------------------
+# Files and overrides.
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``a.b.c=value`` into (["a", "b", "c"], parsed YAML value)."""
+    if "=" not in text:
+        raise ConfigError(
+            f"override `{text}` has no `=`. Write overrides as dotted key=value pairs, e.g. `optim.lr=3e-4`."
+        )
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override `{text}` has an empty key. Example: `trainer.max_steps=50`.")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override `{text}`: the value is not valid YAML ({err}).") from None
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Set each dotted override into the nested ``data`` dict (creating sections as needed)."""
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override `{text}`: `{part}` is not a section, it holds {child!r}.")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping with the safe loader; errors name the file and the fix."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist. Pass the path of a YAML file, e.g. configs/demo.yaml.")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML: {err}. Fix the syntax at the line shown.") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err}). Save the file as UTF-8.") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (run, model, data, ...), not {type(data).__name__}.")
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Load a run config from YAML plus dotted overrides, strictly, then run :func:`validate`.
+
+    Raises:
+        ConfigError: unknown key, wrong type or impossible combination; the message names the file,
+            the key and the fix.
+    """
+    data = read_yaml(path) if path is not None else {}
+    apply_overrides(data, list(overrides or []))
+    file = str(path) if path is not None else "<overrides>"
+    cfg = _build(Config, data, "", file)
+    cfg.source = str(path) if path is not None else None
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    """The resolved config as plain data (what ``config.yaml`` in the run directory holds)."""
+    data = dataclasses.asdict(cfg)
+    data.pop("source", None)
+    return data
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        yaml.safe_dump(to_dict(cfg), fh, sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Cross-field checks that need no model or data.
+
+T5_FAMILY = ("t5", "mt5", "umt5", "t0", "byt5", "flan-t5", "longt5")
+
+
+def _looks_like_t5(cfg: Config) -> bool:
+    text = " ".join(str(x).lower() for x in (cfg.model.name_or_path, cfg.model.config) if x)
+    return cfg.model.kind == "encdec" or any(name in text for name in T5_FAMILY)
+
+
+def problems(cfg: Config) -> list[str]:
+    """Every impossible combination in ``cfg`` (empty when it is consistent)."""
+    out = []
+    file = cfg.source or "<config>"
+    m, d, t, e = cfg.model, cfg.data, cfg.trainer, cfg.eval
+    if not m.name_or_path and not m.config:
+        out.append(f"{file}: set `model.name_or_path` (hub name or local directory) or `model.config` (a JSON model config for a random init).")
+    if m.name_or_path and m.config:
+        out.append(f"{file}: `model.name_or_path` and `model.config` are both set; keep one (weights to load, or a config to initialise randomly).")
+    if t.precision == "fp16" and _looks_like_t5(cfg):
+        out.append(
+            f"{file}: `trainer.precision=fp16` with a T5-family model: T5 overflows in fp16 and produces NaN losses "
+            "(t5#539, transformers#9295). Use `trainer.precision=bf16` (or fp32)."
+        )
+    for key, value in (("trainer.max_steps", t.max_steps), ("trainer.micro_batch_size", t.micro_batch_size),
+                       ("data.max_input_tokens", d.max_input_tokens), ("data.max_target_tokens", d.max_target_tokens),
+                       ("data.max_tokens", d.max_tokens), ("data.pack_window", d.pack_window),
+                       ("logging.every_steps", cfg.logging.every_steps), ("checkpoint.keep_last", cfg.checkpoint.keep_last),
+                       ("eval.batch_size", e.batch_size)):
+        if value < 1:
+            out.append(f"{file}: `{key}` is {value}; it must be at least 1.")
+    for key, value in (("eval.every_steps", e.every_steps), ("checkpoint.every_steps", cfg.checkpoint.every_steps),
+                       ("trainer.grad_accum", t.grad_accum), ("eval.max_examples_per_template", e.max_examples_per_template),
+                       ("data.max_examples_per_task", d.max_examples_per_task)):
+        if value is not None and value < 1:
+            out.append(f"{file}: `{key}` is {value}; it must be at least 1, or null to turn it off.")
+    if (t.global_batch_size is None) == (t.global_batch_tokens is None):
+        out.append(f"{file}: set exactly one of `trainer.global_batch_size` (rows) and `trainer.global_batch_tokens`; the other must be null.")
+    if cfg.optim.lr <= 0:
+        out.append(f"{file}: `optim.lr` is {cfg.optim.lr}; it must be positive.")
+    if len(cfg.optim.betas) != 2:
+        out.append(f"{file}: `optim.betas` must have two values, e.g. [0.9, 0.999].")
+    if cfg.schedule.warmup_steps < 0 or cfg.schedule.warmup_steps > t.max_steps:
+        out.append(f"{file}: `schedule.warmup_steps` is {cfg.schedule.warmup_steps}; it must be between 0 and trainer.max_steps ({t.max_steps}).")
+    if t.max_time is not None and t.max_time <= 0:
+        out.append(f"{file}: `trainer.max_time` is {t.max_time}; give seconds > 0, or null.")
+    if e.best_metric and not e.mixture:
+        out.append(f"{file}: `eval.best_metric` needs `eval.mixture`.")
+    if t.resume not in ("auto", "none") and not Path(t.resume).exists():
+        out.append(f"{file}: `trainer.resume` is {t.resume!r}, which is neither 'auto', 'none' nor an existing checkpoint path.")
+    for key, path in (("data.train_mixture", d.train_mixture), ("eval.mixture", e.mixture), ("model.config", m.config),
+                      ("trainer.deepspeed", t.deepspeed)):
+        if path and not Path(path).exists():
+            out.append(f"{file}: `{key}` points to {path!r}, which does not exist (paths are relative to the current directory).")
+    if m.name_or_path and m.name_or_path.startswith(("/", "./", "../")) and not Path(m.name_or_path).exists():
+        out.append(f"{file}: `model.name_or_path` {m.name_or_path!r} is a local path that does not exist.")
+    return out
+
+
+def validate(cfg: Config) -> None:
+    """Raise one :class:`ConfigError` listing every problem :func:`problems` finds."""
+    found = problems(cfg)
+    if found:
+        raise ConfigError("\n".join(found) if len(found) > 1 else found[0])

@@ -1,0 +1,241 @@
+"""Trainer hooks, one concern each: metrics logging, evaluation, checkpointing, preemption.
+
+The loop calls ``hook.on_step_end(ctx)`` once per optimizer step (after the weights changed) and
+``hook.on_train_end(ctx)`` once at the end. Hooks read the :class:`TrainContext`; they never change
+the data stream or the optimizer.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from train import checkpointing
+from train.config import Config
+from train.loggers import MetricLoggers, estimate_mfu
+
+
+@dataclass
+class TrainContext:
+    """What hooks may read about the run. The trainer updates it before each hook call."""
+
+    cfg: Config
+    accelerator: Any
+    model: Any
+    tokenizer: Any
+    kind: str
+    step: int = 0
+    tokens_seen: int = 0  # real (non-pad) target+input tokens trained on, all ranks
+    examples_seen: int = 0
+    last_loss: float = float("nan")
+    last_grad_norm: Optional[float] = None
+    lr: float = 0.0
+    step_metrics: dict = field(default_factory=dict)  # packing stats etc. of the last step
+    task_counts: Counter = field(default_factory=Counter)
+    trainer_state: Any = None  # callable returning the resumable state dict (stream, packer, counters)
+    stop_reason: Optional[str] = None  # "preempted" | "max_time" when the run must stop after this step
+    eval_results: Optional[dict] = None
+    best_metric_value: Optional[float] = None
+    checkpoint_seconds: list = field(default_factory=list)
+    flops_per_token: float = 0.0
+
+
+class LoggingHook:
+    """Every ``logging.every_steps``: loss, lr, grad norm, tokens/s, packing, memory, MFU, task counts."""
+
+    def __init__(self, ctx: TrainContext):
+        self.loggers = MetricLoggers(ctx.cfg, ctx.accelerator.is_main_process)
+        self.every = ctx.cfg.logging.every_steps
+        self.window_start = time.perf_counter()
+        self.window_tokens = 0
+        self.window_losses: list[float] = []
+        self.bar = None
+        if ctx.cfg.logging.progress_bar and ctx.accelerator.is_main_process:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=ctx.cfg.trainer.max_steps, initial=ctx.step, desc="train", unit="step", dynamic_ncols=True)
+
+    def on_step_end(self, ctx: TrainContext) -> None:
+        self.window_tokens += ctx.step_metrics.get("tokens", 0)
+        self.window_losses.append(ctx.last_loss)
+        if self.bar is not None:
+            self.bar.update(1)
+        if ctx.step % self.every and ctx.step != ctx.cfg.trainer.max_steps and ctx.stop_reason is None:
+            return
+        elapsed = max(time.perf_counter() - self.window_start, 1e-9)
+        tokens_per_second = self.window_tokens / elapsed
+        metrics = {
+            "train/loss": sum(self.window_losses) / len(self.window_losses),
+            "train/loss_last": ctx.last_loss,
+            "lr": ctx.lr,
+            "grad_norm": ctx.last_grad_norm,
+            "tokens_per_second": tokens_per_second,
+            "tokens_seen": ctx.tokens_seen,
+            "examples_seen": ctx.examples_seen,
+        }
+        metrics.update({k: v for k, v in ctx.step_metrics.items() if k != "tokens"})
+        metrics.update({f"tasks/{name}": count for name, count in sorted(ctx.task_counts.items())})
+        mfu = estimate_mfu(ctx.flops_per_token, tokens_per_second, ctx.accelerator.num_processes, ctx.cfg.logging.peak_tflops)
+        if mfu is not None:
+            metrics["mfu"] = mfu
+        metrics.update(_memory_metrics())
+        self.loggers.log(metrics, ctx.step)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", tok_s=f"{tokens_per_second:,.0f}")
+        self.window_start = time.perf_counter()
+        self.window_tokens = 0
+        self.window_losses = []
+
+    def log(self, metrics: dict, step: int) -> None:
+        self.loggers.log(metrics, step)
+
+    def on_train_end(self, ctx: TrainContext) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.loggers.close()
+
+
+def _memory_metrics() -> dict:
+    import torch
+
+    out = {}
+    if torch.cuda.is_available():
+        out["memory/max_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    try:
+        import resource
+
+        out["memory/max_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    except (ImportError, OSError):
+        pass
+    return out
+
+
+class CheckpointHook:
+    """Saves every ``checkpoint.every_steps``, at the end, and when the run must stop (preemption, max_time)."""
+
+    def __init__(self, ctx: TrainContext):
+        self.every = ctx.cfg.checkpoint.every_steps
+        self.last_saved_step: Optional[int] = None
+
+    def save(self, ctx: TrainContext) -> Path:
+        state = ctx.trainer_state()
+        path, seconds = checkpointing.save_checkpoint(
+            ctx.accelerator, ctx.cfg.run.output_dir, ctx.step, state, ctx.cfg.checkpoint.keep_last
+        )
+        ctx.checkpoint_seconds.append(seconds)
+        self.last_saved_step = ctx.step
+        return path
+
+    def on_step_end(self, ctx: TrainContext) -> None:
+        due = self.every is not None and ctx.step % self.every == 0
+        if due or ctx.stop_reason is not None:
+            self.save(ctx)
+
+    def on_train_end(self, ctx: TrainContext) -> None:
+        if self.last_saved_step != ctx.step:
+            self.save(ctx)
+
+
+class PreemptionHook:
+    """Turns SIGTERM / SIGUSR1 (Slurm's warning before a time limit) and ``trainer.max_time`` into a clean stop.
+
+    The signal only sets a flag; the current step finishes, the flag is agreed on by all ranks, then
+    the checkpoint hook saves and the trainer exits with ``EXIT_PREEMPTED``.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self, ctx: TrainContext):
+        self.requested = False
+        self.start = time.monotonic()
+        self.max_time = ctx.cfg.trainer.max_time
+        self.previous = {}
+        for sig in self.SIGNALS:
+            try:
+                self.previous[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread (e.g. inside a test runner thread)
+                pass
+
+    def _handler(self, signum, frame) -> None:
+        self.requested = True
+
+    def check(self, ctx: TrainContext) -> None:
+        """Called by the loop before the other hooks; sets ``ctx.stop_reason`` on every rank alike."""
+        import torch
+
+        flags = [float(self.requested), float(self.max_time is not None and time.monotonic() - self.start > self.max_time)]
+        tensor = torch.tensor(flags, device=ctx.accelerator.device)
+        if ctx.accelerator.num_processes > 1:
+            tensor = ctx.accelerator.reduce(tensor, reduction="sum")
+        if tensor[0] > 0:
+            ctx.stop_reason = "preempted"
+        elif tensor[1] > 0:
+            ctx.stop_reason = "max_time"
+
+    def on_step_end(self, ctx: TrainContext) -> None:
+        pass
+
+    def on_train_end(self, ctx: TrainContext) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+class EvalHook:
+    """Zero-shot evaluation on the held-out mixture: every ``eval.every_steps`` (cheap, capped per
+    template) and a full one at the end. Results go to ``<output_dir>/eval/step-N.json`` and the loggers
+    (``eval/<dataset>/<template>/accuracy``, ``eval/<dataset>/median``). With ``eval.best_metric`` the best
+    model so far is exported to ``<output_dir>/best``.
+    """
+
+    def __init__(self, ctx: TrainContext, examples: Optional[list]):
+        self.examples = examples
+        self.cfg = ctx.cfg.eval
+        self.logger: Optional[LoggingHook] = None
+
+    def run(self, ctx: TrainContext, final: bool) -> Optional[dict]:
+        if not self.examples:
+            return None
+        from train import evaluation
+
+        cap = self.cfg.final_max_examples_per_template if final else self.cfg.max_examples_per_template
+        model = ctx.accelerator.unwrap_model(ctx.model)
+        was_training = model.training
+        results = evaluation.evaluate(model, ctx.tokenizer, self.examples, kind=ctx.kind, batch_size=self.cfg.batch_size,
+                                      max_examples_per_template=cap, accelerator=ctx.accelerator)
+        if was_training:
+            model.train()
+        results["step"] = ctx.step
+        ctx.eval_results = results
+        if ctx.accelerator.is_main_process:
+            out = Path(ctx.cfg.run.output_dir) / "eval"
+            out.mkdir(parents=True, exist_ok=True)
+            evaluation.write_results(out / f"step-{ctx.step:08d}.json", results)
+            if self.logger is not None:
+                self.logger.log(evaluation.flatten_for_logging(results), ctx.step)
+        self._track_best(ctx, results)
+        return results
+
+    def _track_best(self, ctx: TrainContext, results: dict) -> None:
+        if not self.cfg.best_metric:
+            return
+        from train import evaluation
+
+        value = evaluation.flatten_for_logging(results).get(self.cfg.best_metric)
+        if value is None:
+            return
+        if ctx.best_metric_value is None or value > ctx.best_metric_value:
+            ctx.best_metric_value = value
+            checkpointing.export_model(ctx.accelerator, ctx.model, ctx.tokenizer, Path(ctx.cfg.run.output_dir) / "best")
+
+    def on_step_end(self, ctx: TrainContext) -> None:
+        every = self.cfg.every_steps
+        if every and ctx.step % every == 0 and ctx.step != ctx.cfg.trainer.max_steps:
+            self.run(ctx, final=False)
+
+    def on_train_end(self, ctx: TrainContext) -> None:
+        if self.cfg.at_end and ctx.stop_reason is None:
+            self.run(ctx, final=True)

@@ -1,0 +1,137 @@
+"""Models and tokenizers: load by hub name or local directory, or build randomly from a config file.
+
+Encoder-decoder models (T5, mT5) load through ``AutoModelForSeq2SeqLM``, decoders through
+``AutoModelForCausalLM``. The kind is explicit in the run config (``model.kind``) or inferred from
+the model config's ``is_encoder_decoder``. ``prefix_lm`` is a decoder trained and evaluated with a
+bidirectional mask over the input (see :mod:`train.features`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from train.config import ModelConfig
+from train.errors import ConfigError
+
+KINDS = ("encdec", "decoder", "prefix_lm")
+
+
+@dataclass
+class ModelInfo:
+    """What the rest of the stack needs to know about a model, without the weights."""
+
+    kind: str  # encdec | decoder | prefix_lm
+    model_type: str  # e.g. "t5", "llama"
+    pad_token_id: int
+    eos_token_id: int
+    decoder_start_token_id: int  # enc-dec only; pad for decoders (unused)
+    vocab_size: int
+
+
+def load_model_config(cfg: ModelConfig) -> Any:
+    """The ``transformers`` config of the model, without loading weights.
+
+    Raises:
+        ConfigError: the config file or model directory cannot be read.
+    """
+    from transformers import AutoConfig
+
+    if cfg.config:
+        path = Path(cfg.config)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"`model.config`: {path} does not exist. Ship a JSON model config, e.g. configs/models/t5_tiny.json.") from None
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"`model.config`: {path} is not valid JSON ({err}).") from None
+        model_type = data.pop("model_type", None)
+        if not model_type:
+            raise ConfigError(f"`model.config`: {path} has no `model_type` (e.g. \"t5\", \"llama\", \"gpt2\").")
+        try:
+            return AutoConfig.for_model(model_type, **data)
+        except (ValueError, KeyError) as err:
+            raise ConfigError(f"`model.config`: {path}: {err}") from None
+    try:
+        return AutoConfig.from_pretrained(cfg.name_or_path)
+    except (OSError, ValueError) as err:
+        raise ConfigError(
+            f"`model.name_or_path` = {cfg.name_or_path!r} cannot be loaded: {str(err).splitlines()[0]} "
+            "Give a local directory with config.json, or a hub name reachable from this machine "
+            "(set HF_HUB_OFFLINE=0 and log in if it is gated)."
+        ) from None
+
+
+def infer_kind(cfg: ModelConfig, model_config: Any) -> str:
+    """``model.kind`` if set, else ``encdec`` for encoder-decoder configs and ``decoder`` otherwise."""
+    is_encdec = bool(getattr(model_config, "is_encoder_decoder", False))
+    if cfg.kind == "auto":
+        return "encdec" if is_encdec else "decoder"
+    if (cfg.kind == "encdec") != is_encdec:
+        raise ConfigError(
+            f"`model.kind` is {cfg.kind!r} but the model ({model_config.model_type}) is "
+            f"{'an encoder-decoder' if is_encdec else 'a decoder-only model'}. Set `model.kind=auto`."
+        )
+    return cfg.kind
+
+
+def load_tokenizer(cfg: ModelConfig) -> Any:
+    """The tokenizer named by ``model.tokenizer`` (or the model's own); ``byt5`` needs no files.
+
+    Raises:
+        ConfigError: the tokenizer cannot be loaded.
+    """
+    from transformers import AutoTokenizer, ByT5Tokenizer
+
+    name = cfg.tokenizer or cfg.name_or_path
+    if name is None:
+        raise ConfigError("set `model.tokenizer` (a directory, hub name, or `byt5`) when the model is built from `model.config`.")
+    if name == "byt5":
+        return ByT5Tokenizer()
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        raise ConfigError(
+            f"`model.tokenizer` = {name!r} cannot be loaded: {str(err).splitlines()[0]} "
+            "Give a directory with the tokenizer files (e.g. configs/tokenizers/t5), a hub name, or `byt5`."
+        ) from None
+    if tok.pad_token_id is None:
+        # Decoder tokenizers (GPT-2, Llama) often have no pad token; padding is masked out anyway.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def model_info(cfg: ModelConfig, model_config: Any, tokenizer: Any) -> ModelInfo:
+    kind = infer_kind(cfg, model_config)
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    start = getattr(model_config, "decoder_start_token_id", None)
+    if start is None:
+        start = pad
+    vocab = int(getattr(model_config, "vocab_size", 0) or 0)
+    if vocab and len(tokenizer) > vocab:
+        raise ConfigError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab}: token ids would "
+            "index past the embedding. Use the model's own tokenizer or raise vocab_size in the model config."
+        )
+    return ModelInfo(kind=kind, model_type=model_config.model_type, pad_token_id=int(pad), eos_token_id=int(eos),
+                     decoder_start_token_id=int(start), vocab_size=vocab)
+
+
+def build_model(cfg: ModelConfig, model_config: Any, kind: str) -> Any:
+    """Load weights (``name_or_path``) or initialise randomly (``config``); the RNG must be seeded first."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    auto = AutoModelForSeq2SeqLM if kind == "encdec" else AutoModelForCausalLM
+    if cfg.config:
+        model = auto.from_config(model_config, attn_implementation=cfg.attn_implementation)
+    else:
+        model = auto.from_pretrained(cfg.name_or_path, attn_implementation=cfg.attn_implementation)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if hasattr(model.config, "use_cache"):
+        # A KV cache during training is useless and, with packed position ids, leaks across segments.
+        model.config.use_cache = False
+    return model
