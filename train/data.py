@@ -1,0 +1,131 @@
+"""The training data pipeline, assembled: mixture file -> tasks -> prompted -> tokenized -> stream -> packer.
+
+Each stage lives in its own module (:mod:`train.tasks`, :mod:`train.tokenization`, :mod:`train.mixtures`,
+:mod:`train.packing`); this module only wires them in order from a run config, and loads the eval
+mixture's prompted examples for the eval hook. The held-out guard runs here, before any tokenization.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Optional
+
+from train.config import Config
+from train.errors import ConfigError
+from train.models import ModelInfo
+
+
+def _mixture_files(spec: Any) -> list[Path]:
+    """The file of a mixture spec and of every nested mixture, in visiting order."""
+    files = [Path(spec.path)]
+    for member in spec.members:
+        if member.mixture is not None:
+            files.extend(f for f in _mixture_files(member.mixture) if f not in files)
+    return files
+
+
+def load_train_tasks(cfg: Config) -> tuple[Any, dict]:
+    """(mixture spec, task name -> Task) of the training mixture, nested files included."""
+    from train.mixtures import load_mixture_spec
+    from train.tasks import load_task_file
+
+    spec = load_mixture_spec(cfg.data.train_mixture)
+    tasks: dict = {}
+    for path in _mixture_files(spec):
+        for name, task in load_task_file(path, data_root=cfg.data.data_root).tasks.items():
+            tasks.setdefault(name, task)
+    missing = [name for name in spec.task_names() if name not in tasks]
+    if missing:
+        raise ConfigError(f"{cfg.data.train_mixture}: the mixture samples tasks that no file defines: {', '.join(missing)}. "
+                          f"Defined: {', '.join(sorted(tasks))}.")
+    return spec, {name: tasks[name] for name in spec.task_names()}
+
+
+def load_eval_file(path: str, cfg: Optional[Config] = None) -> Any:
+    from train.tasks import load_task_file
+
+    return load_task_file(path, data_root=cfg.data.data_root if cfg else None)
+
+
+def held_out_of(eval_file: Any) -> tuple[list[str], list[str]]:
+    """(held-out datasets, held-out clusters) an eval mixture declares in its ``eval:`` section."""
+    section = eval_file.sections.get("eval") or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{eval_file.path}: `eval` must be a mapping with `held_out` and optional `clusters`.")
+    unknown = set(section) - {"held_out", "clusters"}
+    if unknown:
+        raise ConfigError(f"{eval_file.path}: unknown key(s) in `eval`: {', '.join(sorted(unknown))}; "
+                          "valid: held_out, clusters.")
+    held = list(section.get("held_out") or [])
+    if not held:  # an eval mixture holds out at least its own datasets
+        held = sorted({t.metadata.dataset for t in eval_file.tasks.values()})
+    return held, list(section.get("clusters") or [])
+
+
+def eval_examples(eval_file: Any, cfg: Config) -> list[dict]:
+    """Prompted examples of every task of the eval mixture (all rows; the hook caps per template)."""
+    out: list[dict] = []
+    for task in eval_file.tasks.values():
+        dataset = task.prompted(cache_dir=cfg.data.cache_dir)
+        cluster = task.metadata.cluster
+        for row in dataset:
+            row = dict(row)
+            row["cluster"] = cluster
+            row["language"] = task.metadata.language
+            out.append(row)
+    return out
+
+
+def build_training_data(cfg: Config, tokenizer: Any, info: ModelInfo, accelerator: Any = None) -> tuple[Any, Any, Optional[list]]:
+    """The global mixture stream, a packer, and the eval examples (None without ``eval.mixture``).
+
+    Every rank builds the same global stream; the main process renders and tokenizes first so the
+    others read its ``datasets`` cache instead of racing to write it.
+
+    Raises:
+        ConfigError: unknown tasks, held-out overlap, bad rates.
+        DataError: unreadable data, templates that fail on most rows, tasks with no examples.
+    """
+    from train.mixtures import MixtureStream, count_examples, plan_mixture
+    from train.packing import Packer
+    from train.tasks import check_held_out
+    from train.tokenization import tokenize_prompted
+
+    spec, tasks = load_train_tasks(cfg)
+    eval_file = load_eval_file(cfg.eval.mixture, cfg) if cfg.eval.mixture else None
+    if eval_file is not None:
+        held, clusters = held_out_of(eval_file)
+        overlap = check_held_out(tasks.values(), held, clusters, allow=cfg.eval.allow_held_out_overlap)
+        if overlap and accelerator is not None:
+            accelerator.print(f"[mtf] WARNING: training on held-out data (eval.allow_held_out_overlap=true): {'; '.join(overlap)}")
+
+    first = accelerator.main_process_first() if accelerator is not None else nullcontext()
+    with first:
+        tokenized = {}
+        for name, task in tasks.items():
+            prompted = task.prompted(cfg.data.max_examples_per_task, cache_dir=cfg.data.cache_dir)
+            tokenized[name] = tokenize_prompted(prompted, tokenizer, info.kind, num_proc=cfg.data.num_proc)
+        examples = eval_examples(eval_file, cfg) if eval_file is not None else None
+    plan = plan_mixture(spec, count_examples(tokenized))
+    stream = MixtureStream.from_plan(plan, tokenized, seed=cfg.trainer.seed)
+    packer = Packer(info.kind, max_input_tokens=cfg.data.max_input_tokens, max_target_tokens=cfg.data.max_target_tokens,
+                    max_tokens=cfg.data.max_tokens, pack=cfg.data.packing, window=cfg.data.pack_window,
+                    overlong_policy=cfg.data.overlong)
+    return stream, packer, examples
+
+
+def packing_metrics(rows: list[dict], packer: Any, kind: str, cfg: Config) -> dict:
+    """Per-step packing figures for the logs: efficiency, examples per row, truncations and drops so far."""
+    n = max(len(rows), 1)
+    out = {"packing/examples_per_row": sum(len(r["tasks"]) for r in rows) / n}
+    if kind == "encdec":
+        inputs = sum(len(r["input_ids"]) for r in rows) / (n * cfg.data.max_input_tokens)
+        targets = sum(len(r["target_ids"]) for r in rows) / (n * cfg.data.max_target_tokens)
+        out.update({"packing/efficiency": inputs, "packing/input_efficiency": inputs, "packing/target_efficiency": targets})
+    else:
+        out["packing/efficiency"] = sum(len(r["input_ids"]) for r in rows) / (n * cfg.data.max_tokens)
+    for key, value in packer.stats.items():
+        if key.startswith(("truncated", "dropped")):
+            out[f"packing/{key}"] = value
+    return out
