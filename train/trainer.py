@@ -10,6 +10,8 @@ replayed or skipped.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import time
@@ -216,11 +218,16 @@ def train(cfg: Config) -> dict:
     mode = cfg.trainer.loss_normalization
 
     # ---- the loop
+    start_step = ctx.step
     model.train()
     while ctx.step < cfg.trainer.max_steps and ctx.stop_reason is None:
         step_start = time.perf_counter()
         rows = [packer.next_row(stream) for _ in range(plan.global_rows)]  # (global_rows,) identical on all ranks
         mine = rows[rank * plan.rows_per_rank:(rank + 1) * plan.rows_per_rank]
+        if ctx.step == start_step and plan.world_size > 1:
+            # Evidence that the run is really data parallel: each rank trains on different rows.
+            digest = hashlib.sha1(json.dumps([r["input_ids"] for r in mine]).encode()).hexdigest()[:12]
+            print(f"[mtf] rank {rank}/{plan.world_size} step {ctx.step + 1} rows digest {digest}", flush=True)
         micro_batches = [collate(mine[i:i + plan.micro_batch_size], **collate_kwargs)
                          for i in range(0, len(mine), plan.micro_batch_size)]
         # The loss denominator of the whole step over all ranks, known before any backward pass, so
