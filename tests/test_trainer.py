@@ -26,7 +26,6 @@ PY = sys.executable
 # equals a longer one's), every step logged.
 FAST = [
     "eval.mixture=null",
-    "data.train_mixture=data_mixtures/_tmp_train.yaml",  # TMPFIX
     "data.max_input_tokens=128",
     "data.max_target_tokens=32",
     "trainer.global_batch_size=4",

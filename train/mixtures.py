@@ -1,0 +1,999 @@
+"""Mixtures: sampling rates from a mixture YAML, and a seeded, resumable, shardable stream of examples.
+
+A mixture file holds a ``mixture:`` section (this module) next to ``tasks:`` / ``include:`` (train/tasks.py)::
+
+    mixture:
+      rate: {type: examples_proportional, maximum: 500000}
+      members:
+        - task: ag_news
+        - mixture: nested.yaml        # its own rate; its members share the rate it gets here
+
+Rate types (``n`` = examples of a member after prompting, tokenizing and filtering):
+
+=================  =============================================  ==========================================
+type               rate of a member                               keys
+=================  =============================================  ==========================================
+weights            ``weight`` (given on every member)             -
+examples_          ``min(n, maximum)``                            ``maximum`` (optional; no cap if absent)
+proportional
+temperature        ``min(n, maximum) ** (1 / temperature)``       ``temperature``, ``maximum`` (optional);
+                   (cap first, as in T5 / seqio)
+equal              ``1``                                          -
+t0_per_template    every (task, template) pair is its own         ``cap`` (default 500000), ``rule``
+                   source: ``min(n_t, cap / k)`` for ``rule:      (``min`` default | ``step``)
+                   min``; ``step`` is t-zero's released code:
+                   ``n_t`` if the task has ``<= cap`` rows per
+                   template, else ``cap / k``
+=================  =============================================  ==========================================
+
+T0 made each (dataset, template) pair its own seqio task. Here a task holds all its templates, so under
+``t0_per_template`` the sampler splits a task into one *sub-source* per template (``n_t`` = examples of
+that template, ``k`` = number of templates of the task); every other rate type samples a task's rows
+uniformly whatever their template. A nested mixture counts as one member whose ``n`` is the sum of its
+examples (``t0_per_template`` treats it as one template); its members share that rate in proportion to
+their own rates, so rates compose multiplicatively.
+
+:class:`MixtureStream` is an infinite stream of ``{"task", "index", "input_ids", "target_ids"}``:
+
+* The source of global position ``i`` is a pure function of ``(seed, i)``: positions are drawn in blocks
+  of ``block_size`` from a generator seeded with ``(seed, block)``.
+* The ``k``-th draw of a source (counted over all ranks) is row ``perm_e(k mod n)`` of epoch
+  ``e = k // n``, where ``perm_e`` is a keyed Feistel permutation of ``range(n)`` keyed by
+  ``(seed, source name, e)``: a fresh shuffle every epoch, in O(1) memory whatever ``n``.
+* So the state is ``(position, per-source counts at the start of the current block)``: restoring it
+  regenerates one block, never replays the stream.
+* ``shard(rank, world_size)`` yields global positions ``i % world_size == rank``; the union over ranks
+  is exactly the 1-rank stream, and every rank resumes on its own.
+"""
+
+from __future__ import annotations
+
+import bisect
+import difflib
+import hashlib
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from train.errors import ConfigError, DataError
+
+MIXTURE_KEYS = ("rate", "members")
+MEMBER_KEYS = ("task", "mixture", "weight")
+RATE_KEYS = {
+    "weights": ("type",),
+    "examples_proportional": ("type", "maximum"),
+    "temperature": ("type", "temperature", "maximum"),
+    "equal": ("type",),
+    "t0_per_template": ("type", "cap", "rule"),
+}
+T0_RULES = ("min", "step")
+T0_DEFAULT_CAP = 500_000  # t-zero's MAX_EXAMPLES_PER_DATASET
+REPEAT_WARNING_EPOCHS = 4.0  # data-constrained scaling laws: returns fall off beyond ~4 epochs
+DEFAULT_BLOCK_SIZE = 4096
+STATE_FORMAT = 1
+TEMPLATE_SEPARATOR = "::"  # source name of a per-template sub-source: "<task>::<template>"
+
+ExampleCounts = Mapping[str, "int | Mapping[str, int]"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Spec: the typed, validated `mixture:` section
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RateSpec:
+    """How a mixture turns member sizes into rates. Unused fields are None."""
+
+    type: str
+    maximum: float | None = None
+    temperature: float | None = None
+    cap: float | None = None
+    rule: str | None = None
+
+    def member_rate(self, examples: int, weight: float | None) -> float:
+        """Rate of a whole member (a task, or a nested mixture with ``examples`` in total)."""
+        if self.type == "weights":
+            assert weight is not None, "validated at parse time"
+            return float(weight)
+        if self.type == "equal":
+            return 1.0
+        capped = float(examples) if self.maximum is None else min(float(examples), self.maximum)
+        if self.type == "examples_proportional":
+            return capped
+        if self.type == "temperature":
+            return capped ** (1.0 / self.temperature)
+        if self.type == "t0_per_template":  # a member seen as one template
+            return self.template_rates({"": examples})[""]
+        raise AssertionError(f"unhandled rate type {self.type}")
+
+    def template_rates(self, per_template: Mapping[str, int]) -> dict[str, float]:
+        """T0 per-template rates of one task: template -> rate (see the module docstring)."""
+        assert self.type == "t0_per_template" and self.cap is not None
+        share = self.cap / len(per_template)
+        if self.rule == "step":
+            rows = max(per_template.values())
+            return {t: (share if rows > self.cap else float(n)) for t, n in per_template.items()}
+        return {t: min(float(n), share) for t, n in per_template.items()}
+
+
+@dataclass(frozen=True)
+class MemberSpec:
+    """One entry of ``mixture.members``: exactly one of ``task`` / ``mixture`` is set."""
+
+    where: str  # "<file>: mixture.members[i]", for error messages
+    task: str | None = None
+    mixture: MixtureSpec | None = None
+    weight: float | None = None
+
+
+@dataclass(frozen=True)
+class MixtureSpec:
+    """The ``mixture:`` section of one file, nested mixtures already loaded."""
+
+    path: Path
+    rate: RateSpec
+    members: tuple[MemberSpec, ...]
+
+    def task_names(self) -> list[str]:
+        """Every task the mixture (and its nested mixtures) samples from, sorted."""
+        names: set[str] = set()
+        for member in self.members:
+            if member.task is not None:
+                names.add(member.task)
+            else:
+                names.update(member.mixture.task_names())
+        return sorted(names)
+
+
+def _unknown_key_error(key: Any, allowed: Sequence[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(str(key), allowed, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"{where}: unknown key '{key}'.{hint} Valid keys: {', '.join(allowed)}.")
+
+
+def _check_keys(mapping: Mapping, allowed: Sequence[str], where: str) -> None:
+    for key in mapping:
+        if key not in allowed:
+            raise _unknown_key_error(key, allowed, where)
+
+
+def _number(value: Any, where: str, *, minimum: float, inclusive: bool) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (value < minimum if inclusive else value <= minimum):
+        bound = f">= {minimum:g}" if inclusive else f"> {minimum:g}"
+        raise ConfigError(f"{where} must be a number {bound}, got {value!r}.")
+    return float(value)
+
+
+def _parse_rate(raw: Any, where: str) -> RateSpec:
+    if not isinstance(raw, Mapping) or "type" not in raw:
+        raise ConfigError(
+            f"{where} must be a mapping with a 'type' (one of {', '.join(RATE_KEYS)}), got {raw!r}. "
+            "Example: rate: {type: examples_proportional, maximum: 500000}"
+        )
+    rate_type = raw["type"]
+    if rate_type not in RATE_KEYS:
+        close = difflib.get_close_matches(str(rate_type), list(RATE_KEYS), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"{where}.type: unknown rate type '{rate_type}'.{hint} Valid types: {', '.join(RATE_KEYS)}.")
+    _check_keys(raw, RATE_KEYS[rate_type], where)
+    maximum = raw.get("maximum")
+    if maximum is not None:
+        maximum = _number(maximum, f"{where}.maximum", minimum=0, inclusive=False)
+    if rate_type == "temperature":
+        if "temperature" not in raw:
+            raise ConfigError(f"{where}: rate type 'temperature' needs a 'temperature' key (e.g. 2.0).")
+        temperature = _number(raw["temperature"], f"{where}.temperature", minimum=0, inclusive=False)
+        return RateSpec(type=rate_type, maximum=maximum, temperature=temperature)
+    if rate_type == "t0_per_template":
+        cap = _number(raw.get("cap", T0_DEFAULT_CAP), f"{where}.cap", minimum=1, inclusive=True)
+        rule = raw.get("rule", "min")
+        if rule not in T0_RULES:
+            raise ConfigError(f"{where}.rule: unknown rule {rule!r}; valid: {', '.join(T0_RULES)}.")
+        return RateSpec(type=rate_type, cap=cap, rule=rule)
+    return RateSpec(type=rate_type, maximum=maximum)
+
+
+def _read_yaml(path: Path, where: str) -> Mapping:
+    if not path.is_file():
+        raise ConfigError(f"{where}: mixture file {path} does not exist.")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err}).") from err
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{path}: a mixture file must be a mapping with a 'mixture:' section.")
+    return raw
+
+
+def load_mixture_spec(path: str | Path, _stack: tuple[Path, ...] = ()) -> MixtureSpec:
+    """Read and validate the ``mixture:`` section of a mixture file (nested mixtures included).
+
+    Args:
+        path: the mixture YAML. Nested ``mixture:`` members are resolved relative to its folder.
+
+    Returns:
+        The typed spec. Task names are checked later, by :func:`plan_mixture`, against the tasks loaded.
+
+    Raises:
+        ConfigError: missing file, bad YAML, unknown key (with the closest valid one), a rate, weight,
+            maximum or temperature <= 0, a cap < 1, a member with both / neither of task and mixture, a
+            duplicate member, an empty ``members`` list, or a cycle of nested mixtures.
+    """
+    path = Path(path).resolve()
+    if path in _stack:
+        chain = " -> ".join(str(p) for p in (*_stack, path))
+        raise ConfigError(f"{path}: nested mixtures form a cycle: {chain}. Remove one of these includes.")
+    raw = _read_yaml(path, str(_stack[-1]) if _stack else "mixture")
+    # other top-level sections (tasks, include, eval, ...) belong to train/tasks.py, which validates them
+    if "mixture" not in raw:
+        raise ConfigError(f"{path}: no 'mixture:' section (needs 'rate' and 'members').")
+    section = raw["mixture"]
+    where = f"{path}: mixture"
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"{where} must be a mapping with 'rate' and 'members'.")
+    _check_keys(section, MIXTURE_KEYS, where)
+    for key in MIXTURE_KEYS:
+        if key not in section:
+            raise ConfigError(f"{where}: missing '{key}'.")
+    rate = _parse_rate(section["rate"], f"{where}.rate")
+    members_raw = section["members"]
+    if not isinstance(members_raw, list) or not members_raw:
+        raise ConfigError(f"{where}.members must be a non-empty list of '- task: NAME' / '- mixture: FILE'.")
+    members: list[MemberSpec] = []
+    seen: set[tuple[str, str]] = set()
+    for i, entry in enumerate(members_raw):
+        mwhere = f"{where}.members[{i}]"
+        if isinstance(entry, str):  # shorthand: `members: [ag_news, trec]`
+            entry = {"task": entry}
+        if not isinstance(entry, Mapping):
+            raise ConfigError(f"{mwhere} must be a task name or a mapping like '- task: NAME', got {entry!r}.")
+        _check_keys(entry, MEMBER_KEYS, mwhere)
+        if ("task" in entry) == ("mixture" in entry):
+            raise ConfigError(f"{mwhere} needs exactly one of 'task' or 'mixture', got {dict(entry)!r}.")
+        weight = None
+        if rate.type == "weights":
+            if "weight" not in entry:
+                raise ConfigError(f"{mwhere}: rate type 'weights' needs a 'weight' on every member.")
+            weight = _number(entry["weight"], f"{mwhere}.weight", minimum=0, inclusive=False)
+        elif "weight" in entry:
+            raise ConfigError(
+                f"{mwhere}.weight is only used with rate type 'weights' (this mixture uses '{rate.type}'). "
+                "Remove it, or use rate: {type: weights}."
+            )
+        if "task" in entry:
+            name = entry["task"]
+            if not isinstance(name, str) or not name:
+                raise ConfigError(f"{mwhere}.task must be a task name, got {name!r}.")
+            key = ("task", name)
+            member = MemberSpec(where=mwhere, task=name, weight=weight)
+        else:
+            ref = entry["mixture"]
+            if not isinstance(ref, str) or not ref:
+                raise ConfigError(f"{mwhere}.mixture must be a file path, got {ref!r}.")
+            nested_path = (path.parent / ref).resolve()
+            key = ("mixture", str(nested_path))
+            nested = load_mixture_spec(nested_path, (*_stack, path))
+            member = MemberSpec(where=mwhere, mixture=nested, weight=weight)
+        if key in seen:
+            raise ConfigError(f"{mwhere}: {key[0]} '{key[1]}' is listed twice in the same mixture.")
+        seen.add(key)
+        members.append(member)
+    return MixtureSpec(path=path, rate=rate, members=tuple(members))
+
+
+# --------------------------------------------------------------------------------------------------
+# Plan: spec + example counts -> sources with probabilities
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlannedSource:
+    """One leaf of the mixture: a whole task (``template`` None) or one template of a task."""
+
+    task: str
+    template: str | None
+    examples: int
+    probability: float  # share of samples; all sources of a plan sum to 1
+
+    @property
+    def name(self) -> str:
+        return self.task if self.template is None else f"{self.task}{TEMPLATE_SEPARATOR}{self.template}"
+
+
+@dataclass(frozen=True)
+class MixturePlan:
+    """The resolved mixture: its spec and its leaf sources, sorted by name."""
+
+    spec: MixtureSpec
+    sources: tuple[PlannedSource, ...]
+
+    def task_shares(self) -> dict[str, float]:
+        """Planned share of samples per task (templates summed)."""
+        shares: dict[str, float] = {}
+        for source in self.sources:
+            shares[source.task] = shares.get(source.task, 0.0) + source.probability
+        return shares
+
+
+def _per_template(count: int | Mapping[str, int], task: str) -> dict[str, int] | None:
+    """Normalise one entry of the counts mapping; None for a plain (whole-task) count."""
+    if isinstance(count, Mapping):
+        return {str(t): int(n) for t, n in count.items()}
+    if isinstance(count, (int, np.integer)) and not isinstance(count, bool):
+        return None
+    raise DataError(f"example count of task '{task}' must be an int or a mapping template -> int, got {count!r}.")
+
+
+def _resolve(spec: MixtureSpec, counts: ExampleCounts) -> tuple[list[tuple[str, str | None, int, float]], int]:
+    """Leaves (task, template, examples, share within ``spec``) and the total examples of ``spec``."""
+    rates: list[float] = []
+    member_leaves: list[list[tuple[str, str | None, int, float]]] = []
+    total_examples = 0
+    for member in spec.members:
+        if member.mixture is not None:
+            leaves, examples = _resolve(member.mixture, counts)
+            rates.append(spec.rate.member_rate(examples, member.weight))
+            member_leaves.append(leaves)
+            total_examples += examples
+            continue
+        task = member.task
+        if task not in counts:
+            close = difflib.get_close_matches(task, list(counts), n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"{member.where}.task: unknown task '{task}'.{hint} "
+                f"Known tasks: {', '.join(sorted(counts)) or '(none)'}. Define it under 'tasks:' or fix the name."
+            )
+        per_template = _per_template(counts[task], task)
+        examples = sum(per_template.values()) if per_template is not None else int(counts[task])
+        if examples <= 0:
+            raise DataError(
+                f"{member.where}.task: task '{task}' has no examples after prompting and filtering. "
+                "Check its split, filters and templates, or remove it from the mixture."
+            )
+        total_examples += examples
+        if spec.rate.type == "t0_per_template" and per_template is not None:
+            template_rates = spec.rate.template_rates(per_template)
+            rate = sum(template_rates.values())
+            leaves = [
+                (task, t, n, template_rates[t] / rate) for t, n in sorted(per_template.items()) if n > 0
+            ]
+        else:
+            rate = spec.rate.member_rate(examples, member.weight)
+            leaves = [(task, None, examples, 1.0)]
+        rates.append(rate)
+        member_leaves.append(leaves)
+    total_rate = sum(rates)
+    assert total_rate > 0, "every member rate is > 0 by validation"
+    resolved = [
+        (task, template, n, share * rate / total_rate)
+        for rate, leaves in zip(rates, member_leaves)
+        for task, template, n, share in leaves
+    ]
+    return resolved, total_examples
+
+
+def plan_mixture(spec: MixtureSpec, counts: ExampleCounts) -> MixturePlan:
+    """Compute every source's share of samples.
+
+    Args:
+        spec: from :func:`load_mixture_spec`.
+        counts: task -> examples after prompting, tokenizing and filtering (not raw rows), or task ->
+            {template: examples} (needed for per-template sources under ``t0_per_template``; see
+            :func:`count_examples`).
+
+    Returns:
+        The plan; a (task, template) reached through several nested mixtures gets the sum of its shares.
+
+    Raises:
+        ConfigError: a member names a task that is not in ``counts`` (the message lists the known ones).
+        DataError: a member task has zero examples.
+    """
+    resolved, _ = _resolve(spec, counts)
+    merged: dict[tuple[str, str | None], tuple[int, float]] = {}
+    for task, template, n, p in resolved:
+        old = merged.get((task, template), (n, 0.0))
+        merged[(task, template)] = (n, old[1] + p)
+    sources = [PlannedSource(task, template, n, p) for (task, template), (n, p) in merged.items()]
+    sources.sort(key=lambda s: s.name)
+    return MixturePlan(spec=spec, sources=tuple(sources))
+
+
+def count_examples(datasets: Mapping[str, Any]) -> dict[str, int | dict[str, int]]:
+    """Example counts of tokenized datasets, per template when the dataset has a ``template`` column.
+
+    Args:
+        datasets: task -> ``datasets.Dataset`` (after prompting, tokenizing, filtering).
+
+    Returns:
+        task -> {template: count} if the dataset has a ``template`` column, else task -> count.
+    """
+    counts: dict[str, int | dict[str, int]] = {}
+    for task, dataset in datasets.items():
+        if "template" in dataset.column_names:
+            names, groups = _template_groups(dataset)
+            counts[task] = {name: len(group) for name, group in zip(names, groups)}
+        else:
+            counts[task] = len(dataset)
+    return counts
+
+
+# --------------------------------------------------------------------------------------------------
+# Row lookup: a columnar view of the tokenized Arrow table (memory-mapped when the dataset is cached)
+# --------------------------------------------------------------------------------------------------
+
+
+class _TokenColumns:
+    """Fast ``row -> (input_ids, target_ids)`` straight from the Arrow buffers (no per-row decoding).
+
+    ``Dataset.__getitem__`` decodes a row through the formatter (tens of microseconds); slicing the
+    list column's flat values with its offsets is a few microseconds and copies nothing up front, so
+    memory stays flat whatever the dataset size.
+    """
+
+    def __init__(self, dataset: Any, task: str):
+        for column in ("input_ids", "target_ids"):
+            if column not in dataset.column_names:
+                raise DataError(
+                    f"task '{task}': the dataset has no '{column}' column; tokenize it first "
+                    "(train.tokenization.tokenize_prompted)."
+                )
+        # A filtered/selected dataset keeps an indices mapping over its table; materialise it once so
+        # row numbers below are the dataset's own row numbers.
+        if getattr(dataset, "_indices", None) is not None:
+            dataset = dataset.flatten_indices()
+        self.num_rows = len(dataset)
+        table = dataset.data.table if hasattr(dataset.data, "table") else dataset.data
+        self._columns = [self._chunks(table.column(c)) for c in ("input_ids", "target_ids")]
+
+    @staticmethod
+    def _chunks(column: Any) -> tuple[list[int], list[np.ndarray], list[np.ndarray]]:
+        starts, offsets, values = [], [], []
+        row = 0
+        for chunk in column.chunks:
+            if len(chunk) == 0:
+                continue
+            starts.append(row)
+            offsets.append(chunk.offsets.to_numpy())
+            values.append(chunk.values.to_numpy(zero_copy_only=False))
+            row += len(chunk)
+        return starts, offsets, values
+
+    def get(self, row: int) -> tuple[list[int], list[int]]:
+        out = []
+        for starts, offsets, values in self._columns:
+            c = bisect.bisect_right(starts, row) - 1
+            local = row - starts[c]
+            off = offsets[c]
+            out.append(values[c][off[local] : off[local + 1]].tolist())
+        return out[0], out[1]
+
+    def lengths(self) -> np.ndarray:
+        """(num_rows,) tokens per example, input + target."""
+        total = np.zeros(self.num_rows, dtype=np.int64)
+        for starts, offsets, _ in self._columns:
+            for start, off in zip(starts, offsets):
+                total[start : start + len(off) - 1] += np.diff(off)
+        return total
+
+
+def _template_groups(dataset: Any) -> tuple[list[str], list[range | np.ndarray]]:
+    """Template names and their rows: a range when the template's rows are contiguous (O(1) memory)."""
+    if getattr(dataset, "_indices", None) is not None:  # see _TokenColumns
+        dataset = dataset.flatten_indices()
+    column = dataset.data.column("template")
+    encoded = column.combine_chunks().dictionary_encode()
+    names = [str(v) for v in encoded.dictionary.to_pylist()]
+    codes = encoded.indices.to_numpy(zero_copy_only=False)
+    change = np.flatnonzero(np.diff(codes)) + 1
+    run_starts = np.concatenate([[0], change]) if len(codes) else np.zeros(0, dtype=np.int64)
+    run_codes = codes[run_starts] if len(codes) else codes
+    groups: list[range | np.ndarray] = []
+    for code in range(len(names)):
+        runs = np.flatnonzero(run_codes == code)
+        if len(runs) == 1:
+            start = int(run_starts[runs[0]])
+            end = int(run_starts[runs[0] + 1]) if runs[0] + 1 < len(run_starts) else len(codes)
+            groups.append(range(start, end))
+        else:
+            groups.append(np.flatnonzero(codes == code))
+    order = sorted(range(len(names)), key=lambda i: names[i])
+    return [names[i] for i in order], [groups[i] for i in order]
+
+
+# --------------------------------------------------------------------------------------------------
+# Keyed permutations (Feistel network + cycle walking), vectorised over numpy uint64 arrays
+# --------------------------------------------------------------------------------------------------
+
+_FEISTEL_ROUNDS = 6
+_U64 = np.uint64
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser: a fast, well-mixed bijection of uint64 (wrapping arithmetic is intended)."""
+    z = (z ^ (z >> _U64(30))) * _U64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> _U64(27))) * _U64(0x94D049BB133111EB)
+    return z ^ (z >> _U64(31))
+
+
+def _permute(offsets: np.ndarray, sizes: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """Element-wise ``perm_key(offset)``: a bijection of ``range(size)`` chosen by ``key``.
+
+    Args:
+        offsets, sizes, keys: (m,) arrays; ``0 <= offsets < sizes``.
+
+    Returns:
+        (m,) int64 permuted offsets.
+    """
+    with np.errstate(over="ignore"):
+        x = offsets.astype(_U64)
+        n = sizes.astype(_U64)
+        bits = np.ones(len(n), dtype=np.int64)
+        big = sizes > 1
+        bits[big] = np.floor(np.log2((sizes[big] - 1).astype(np.float64))).astype(np.int64) + 1
+        bits += (np.left_shift(np.int64(1), bits) < sizes).astype(np.int64)  # guard float rounding
+        bits += bits & 1  # an even width splits into two equal halves
+        half = (bits // 2).astype(_U64)
+        mask = (_U64(1) << half) - _U64(1)
+        round_keys = [_mix64(keys ^ _mix64(np.full(len(keys), r + 1, dtype=_U64))) for r in range(_FEISTEL_ROUNDS)]
+        todo = np.arange(len(x))
+        y = x.copy()
+        while len(todo):
+            v, h, m = y[todo], half[todo], mask[todo]
+            left, right = v >> h, v & m
+            for rk in round_keys:
+                left, right = right, left ^ (_mix64(right ^ rk[todo]) & m)
+            y[todo] = (left << h) | right
+            # cycle walking: re-encrypt values that fell outside range(n); the domain is < 4n wide.
+            todo = todo[y[todo] >= n[todo]]
+    return y.astype(np.int64)
+
+
+def _name_key(name: str) -> int:
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little")
+
+
+# --------------------------------------------------------------------------------------------------
+# The stream
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StreamSource:
+    """A source of the stream: rows ``rows`` of the tokenized dataset of ``task``."""
+
+    name: str
+    task: str
+    probability: float
+    columns: _TokenColumns
+    rows: range | np.ndarray  # dataset rows of this source (a range for a whole task / contiguous template)
+
+
+class MixtureStream:
+    """Infinite, seeded, exactly resumable, shardable stream over the sources of a mixture.
+
+    Yields ``{"task": str, "index": int, "input_ids": list[int], "target_ids": list[int]}`` where
+    ``index`` is the row of the task's tokenized dataset.
+    """
+
+    def __init__(
+        self,
+        sources: Sequence[StreamSource],
+        seed: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+    ):
+        if not sources:
+            raise ConfigError("a mixture stream needs at least one source.")
+        if not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ConfigError(f"the mixture seed must be an int >= 0, got {seed!r}.")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ConfigError(f"rank {rank} is not in range(world_size={world_size}).")
+        for s in sources:
+            if len(s.rows) == 0:
+                raise DataError(f"source '{s.name}' has no examples; remove it from the mixture.")
+        self.sources = tuple(sources)
+        self.seed = int(seed)
+        self.rank = rank
+        self.world_size = world_size
+        self.block_size = block_size
+        probs = np.array([s.probability for s in sources], dtype=np.float64)
+        if not np.all(probs > 0):
+            raise ConfigError("every source probability must be > 0.")
+        self._cumulative = np.cumsum(probs / probs.sum())
+        self._cumulative[-1] = 1.0
+        self._sizes = np.array([len(s.rows) for s in sources], dtype=np.int64)
+        self._source_keys = np.array([_name_key(s.name) for s in sources], dtype=_U64)
+        self._seed_key = _mix64(np.array([self.seed], dtype=_U64))[0]
+        self._position = rank  # next global position this rank yields
+        self._block = 0
+        self._block_counts = np.zeros(len(sources), dtype=np.int64)  # draws per source before self._block
+        self._load_block()
+
+    # -- construction ------------------------------------------------------------------------------
+
+    @classmethod
+    def from_plan(
+        cls, plan: MixturePlan, datasets: Mapping[str, Any], seed: int, *, block_size: int = DEFAULT_BLOCK_SIZE
+    ) -> MixtureStream:
+        """Build the 1-rank stream of ``plan`` over tokenized ``datasets`` (task -> ``datasets.Dataset``).
+
+        Raises:
+            ConfigError: a planned task has no dataset.
+            DataError: a dataset lacks ``input_ids``/``target_ids``, or its size differs from the plan.
+        """
+        columns: dict[str, _TokenColumns] = {}
+        templates: dict[str, dict[str, range | np.ndarray]] = {}
+        sources = []
+        for planned in plan.sources:
+            if planned.task not in datasets:
+                raise ConfigError(
+                    f"no tokenized dataset for task '{planned.task}' of mixture {plan.spec.path}; "
+                    f"got datasets for: {', '.join(sorted(datasets))}."
+                )
+            dataset = datasets[planned.task]
+            if planned.task not in columns:
+                columns[planned.task] = _TokenColumns(dataset, planned.task)
+            if planned.template is None:
+                rows: range | np.ndarray = range(columns[planned.task].num_rows)
+            else:
+                if planned.task not in templates:
+                    names, groups = _template_groups(dataset)
+                    templates[planned.task] = dict(zip(names, groups))
+                rows = templates[planned.task].get(planned.template, range(0))
+            if len(rows) != planned.examples:
+                raise DataError(
+                    f"source '{planned.name}': the dataset has {len(rows)} examples but the plan was made "
+                    f"for {planned.examples}. Re-plan the mixture from the same tokenized datasets."
+                )
+            sources.append(StreamSource(planned.name, planned.task, planned.probability, columns[planned.task], rows))
+        return cls(sources, seed, block_size=block_size)
+
+    def shard(self, rank: int, world_size: int) -> MixtureStream:
+        """This stream's share for data-parallel ``rank``: global positions ``i % world_size == rank``.
+
+        Returns a new stream at the start; the union of all ranks is exactly the 1-rank stream.
+        """
+        if self.world_size != 1:
+            raise ConfigError("shard() a 1-rank stream; this one is already rank "
+                              f"{self.rank} of {self.world_size}.")
+        return MixtureStream(self.sources, self.seed, rank=rank, world_size=world_size, block_size=self.block_size)
+
+    # -- block machinery ---------------------------------------------------------------------------
+
+    def _block_sources(self, block: int) -> np.ndarray:
+        """(block_size,) source id of every global position of ``block``: a pure function of (seed, block)."""
+        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, block])))
+        ids = np.searchsorted(self._cumulative, rng.random(self.block_size), side="right")
+        return np.minimum(ids, len(self.sources) - 1)
+
+    def _load_block(self) -> None:
+        """Compute source and row of this rank's positions in ``self._block``."""
+        ids = self._block_sources(self._block)
+        # occurrence of each position within its source, counted over all ranks (stable group rank)
+        order = np.argsort(ids, kind="stable")
+        sorted_ids = ids[order]
+        within = np.arange(len(ids)) - np.searchsorted(sorted_ids, sorted_ids, side="left")
+        draws = np.empty(len(ids), dtype=np.int64)
+        draws[order] = within
+        draws += self._block_counts[ids]  # (block_size,) global draw number k of the position's source
+        self._ids = ids
+        base = self._block * self.block_size
+        first = (self.rank - base) % self.world_size
+        mine = np.arange(first, self.block_size, self.world_size)
+        s, k = ids[mine], draws[mine]
+        sizes = self._sizes[s]
+        epochs = k // sizes
+        keys = _mix64(_mix64(self._seed_key ^ self._source_keys[s]) ^ epochs.astype(_U64))
+        self._rows = np.full(self.block_size, -1, dtype=np.int64)
+        self._rows[mine] = _permute(k % sizes, sizes, keys)
+
+    def _seek(self, position: int) -> None:
+        """Move forward to the block holding ``position`` (blocks in between only count their draws)."""
+        block = position // self.block_size
+        while self._block < block:
+            self._block_counts += np.bincount(self._ids, minlength=len(self.sources))
+            self._block += 1
+            if self._block < block:
+                self._ids = self._block_sources(self._block)
+        self._load_block()
+
+    # -- iteration ---------------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[dict]:
+        return self
+
+    def __next__(self) -> dict:
+        position = self._position
+        j = position - self._block * self.block_size
+        if j >= self.block_size:
+            self._seek(position)
+            j = position - self._block * self.block_size
+        source = self.sources[self._ids[j]]
+        offset = int(self._rows[j])
+        row = source.rows[offset] if isinstance(source.rows, range) else int(source.rows[offset])
+        input_ids, target_ids = source.columns.get(row)
+        self._position = position + self.world_size
+        return {"task": source.task, "index": int(row), "input_ids": input_ids, "target_ids": target_ids}
+
+    def take(self, count: int) -> list[dict]:
+        """The next ``count`` items."""
+        return [next(self) for _ in range(count)]
+
+    # -- state -------------------------------------------------------------------------------------
+
+    @property
+    def position(self) -> int:
+        """Next global position this rank yields (items yielded so far = (position - rank) / world_size)."""
+        return self._position
+
+    def epochs(self) -> dict[str, int]:
+        """Current epoch of every source (over all ranks): how many full passes it has completed."""
+        j = min(self._position - self._block * self.block_size, self.block_size)
+        counts = self._block_counts + np.bincount(self._ids[:j], minlength=len(self.sources))
+        return {s.name: int(c // n) for s, c, n in zip(self.sources, counts, self._sizes)}
+
+    def state_dict(self) -> dict:
+        """A small JSON-able dict; :meth:`load_state_dict` on an identically built stream resumes exactly."""
+        return {
+            "format": STATE_FORMAT,
+            "seed": self.seed,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "block_size": self.block_size,
+            "position": int(self._position),
+            "block": int(self._block),
+            "block_counts": [int(c) for c in self._block_counts],
+            "sources": [[s.name, len(s.rows), float(s.probability)] for s in self.sources],
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore a position in O(1) (one block regenerated, nothing replayed).
+
+        Raises:
+            ConfigError: the state belongs to a different mixture, seed, rank layout or format.
+        """
+        expected = self.state_dict()
+        for key in ("format", "seed", "rank", "world_size", "block_size"):
+            if state.get(key) != expected[key]:
+                raise ConfigError(
+                    f"cannot resume the mixture stream: saved {key}={state.get(key)!r} but this run has "
+                    f"{expected[key]!r}. Resume with the same mixture, seed and number of processes."
+                )
+        if [list(s) for s in state.get("sources", [])] != expected["sources"]:
+            saved = {s[0] for s in state.get("sources", [])}
+            now = {s[0] for s in expected["sources"]}
+            diff = sorted(saved ^ now) or ["(same names; sizes or rates differ)"]
+            raise ConfigError(
+                "cannot resume the mixture stream: its sources changed since the checkpoint "
+                f"(differences: {', '.join(diff)}). Resume with the same mixture and data."
+            )
+        block, position = int(state["block"]), int(state["position"])
+        if not block * self.block_size <= position or (position - self.rank) % self.world_size:
+            raise ConfigError(f"corrupt mixture stream state: position {position} for block {block}.")
+        self._block = block
+        self._block_counts = np.asarray(state["block_counts"], dtype=np.int64)
+        self._position = position
+        self._load_block()
+        if position >= (block + 1) * self.block_size:
+            self._seek(position)
+
+
+# --------------------------------------------------------------------------------------------------
+# Report for `mtf mixture show`
+# --------------------------------------------------------------------------------------------------
+
+
+def mixture_report(
+    plan: MixturePlan,
+    datasets: Mapping[str, Any],
+    *,
+    steps: int | None = None,
+    batch_tokens: int | None = None,
+    realised_samples: int = 10_000,
+    seed: int = 0,
+) -> dict:
+    """Per-task planned and realised shares, token shares and expected epochs (JSON-able).
+
+    Args:
+        plan: from :func:`plan_mixture`.
+        datasets: task -> tokenized dataset (the same the plan was made from).
+        steps, batch_tokens: training length; when both are given, expected epochs per task =
+            ``steps * batch_tokens * token_share / (mean_tokens * examples)``, an upper bound since
+            packing padding is ignored. Tasks above ``REPEAT_WARNING_EPOCHS`` are flagged.
+        realised_samples: items drawn from the real :class:`MixtureStream` to measure realised shares.
+        seed: the stream seed.
+
+    Returns:
+        {"mixture", "rate", "seed", "steps", "batch_tokens", "realised_samples", "tasks": [per task:
+        task, templates, examples, rate, mean_tokens, token_share, expected_epochs, repeats,
+        realised_share], "warnings": [str]}.
+    """
+    stream = MixtureStream.from_plan(plan, datasets, seed)
+    # mean tokens per example of each source, from the Arrow offsets (no row decoding)
+    lengths_cache: dict[str, np.ndarray] = {}
+    per_task: dict[str, dict] = {}
+    for planned, source in zip(plan.sources, stream.sources):
+        if planned.task not in lengths_cache:
+            lengths_cache[planned.task] = source.columns.lengths()
+        lengths = lengths_cache[planned.task]
+        rows = source.rows
+        mean = float(lengths[rows.start : rows.stop].mean() if isinstance(rows, range) else lengths[rows].mean())
+        entry = per_task.setdefault(
+            planned.task, {"task": planned.task, "templates": 0, "examples": 0, "rate": 0.0, "_tokens": 0.0}
+        )
+        entry["templates"] += planned.template is not None
+        entry["examples"] += planned.examples
+        entry["rate"] += planned.probability
+        entry["_tokens"] += planned.probability * mean  # expected tokens per sample from this source
+    tokens_per_sample = sum(e["_tokens"] for e in per_task.values())
+    realised: dict[str, int] = dict.fromkeys(per_task, 0)
+    for _ in range(realised_samples):
+        realised[next(stream)["task"]] += 1
+    total_tokens = steps * batch_tokens if steps is not None and batch_tokens is not None else None
+    warnings = []
+    rows_out = []
+    for task in sorted(per_task):
+        e = per_task[task]
+        mean_tokens = e["_tokens"] / e["rate"]
+        epochs = None
+        if total_tokens is not None:
+            samples = total_tokens / tokens_per_sample * e["rate"]
+            epochs = samples / e["examples"]
+        repeats = epochs is not None and epochs > REPEAT_WARNING_EPOCHS
+        if repeats:
+            warnings.append(
+                f"task '{task}' would be seen {epochs:.1f} times (> {REPEAT_WARNING_EPOCHS:g} epochs): "
+                "repeated data helps little beyond ~4 epochs (data-constrained scaling laws); cap it lower."
+            )
+        rows_out.append(
+            {
+                "task": task,
+                "templates": e["templates"] or None,
+                "examples": e["examples"],
+                "rate": e["rate"],
+                "mean_tokens": mean_tokens,
+                "token_share": e["_tokens"] / tokens_per_sample,
+                "expected_epochs": epochs,
+                "repeats": repeats,
+                "realised_share": realised[task] / realised_samples if realised_samples else None,
+            }
+        )
+    rate = plan.spec.rate
+    return {
+        "mixture": str(plan.spec.path),
+        "rate": {k: v for k, v in vars(rate).items() if v is not None},
+        "seed": seed,
+        "steps": steps,
+        "batch_tokens": batch_tokens,
+        "realised_samples": realised_samples,
+        "tasks": rows_out,
+        "warnings": warnings,
+    }
+
+
+def format_mixture_report(report: Mapping) -> str:
+    """The report as a fixed-width table followed by its warnings."""
+    header = ["task", "tmpl", "examples", "rate", "realised", "tok/ex", "tok share", "epochs", ""]
+    lines = []
+    for t in report["tasks"]:
+        lines.append(
+            [
+                t["task"],
+                str(t["templates"] or "-"),
+                f"{t['examples']:,}",
+                f"{t['rate']:.4f}",
+                "-" if t["realised_share"] is None else f"{t['realised_share']:.4f}",
+                f"{t['mean_tokens']:.1f}",
+                f"{t['token_share']:.4f}",
+                "-" if t["expected_epochs"] is None else f"{t['expected_epochs']:.2f}",
+                "REPEATS" if t["repeats"] else "",
+            ]
+        )
+    widths = [max(len(r[i]) for r in [header, *lines]) for i in range(len(header))]
+
+    def fmt(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    rate = ", ".join(f"{k}={v}" for k, v in report["rate"].items())
+    out = [f"mixture {report['mixture']} ({rate}; realised over {report['realised_samples']:,} samples, "
+           f"seed {report['seed']})", fmt(header).rstrip(), *(fmt(r).rstrip() for r in lines)]
+    out += [f"WARNING: {w}" for w in report["warnings"]]
+    return "\n".join(out)
+
+
+def plot_mixture_report(report: Mapping, path: str | Path) -> None:
+    """Bar chart of planned vs realised sample shares and token shares per task (PNG, Agg backend)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    tasks = [t["task"] for t in report["tasks"]]
+    x = np.arange(len(tasks))
+    fig = Figure(figsize=(max(6.0, 0.6 * len(tasks) + 2), 4.0))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    width = 0.27
+    ax.bar(x - width, [t["rate"] for t in report["tasks"]], width, label="planned share")
+    ax.bar(x, [t["realised_share"] or 0.0 for t in report["tasks"]], width, label="realised share")
+    ax.bar(x + width, [t["token_share"] for t in report["tasks"]], width, label="token share")
+    ax.set_xticks(x, tasks, rotation=45, ha="right")
+    ax.set_ylabel("share")
+    ax.set_title(Path(report["mixture"]).name)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(str(path))
+
+
+def show_mixture(
+    path: str | Path,
+    *,
+    steps: int | None = None,
+    batch_tokens: int | None = None,
+    tokenizer: Any = None,
+    kind: str = "encdec",
+    samples: int = 10_000,
+    plot: str | Path | None = None,
+    seed: int = 0,
+    cache_dir: str | None = None,
+    data_root: str | None = None,
+    max_examples_per_task: int | None = None,
+) -> dict:
+    """``mtf mixture show``: load a mixture file's tasks, prompt and tokenize them, and report.
+
+    Args:
+        path: the mixture YAML (its ``tasks``/``include`` and nested mixtures define the tasks).
+        steps, batch_tokens, samples, seed: see :func:`mixture_report`.
+        tokenizer: a tokenizer, or a folder for ``AutoTokenizer.from_pretrained``.
+        kind: model kind (decides eos / leading-space handling, hence token counts).
+        plot: write :func:`plot_mixture_report`'s PNG here.
+        cache_dir, data_root, max_examples_per_task: passed to train.tasks.
+
+    Returns:
+        The :func:`mixture_report` dict.
+
+    Raises:
+        ConfigError / DataError: as :func:`load_mixture_spec`, :func:`plan_mixture` and train.tasks.
+    """
+    from train.tasks import load_task_file
+    from train.tokenization import tokenize_prompted
+
+    if tokenizer is None or isinstance(tokenizer, (str, Path)):
+        from transformers import AutoTokenizer
+
+        if tokenizer is None or not Path(tokenizer).is_dir():
+            raise ConfigError(f"--tokenizer must be a folder with tokenizer files, got {tokenizer!r}.")
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+    spec = load_mixture_spec(path)
+    files, todo = [], [spec]
+    while todo:  # the file of the spec and of every nested mixture
+        current = todo.pop()
+        if current.path not in files:
+            files.append(current.path)
+            todo.extend(m.mixture for m in current.members if m.mixture is not None)
+    tasks: dict[str, Any] = {}
+    for file in files:
+        for name, task in load_task_file(file, data_root=data_root).tasks.items():
+            tasks.setdefault(name, task)
+    tokenized = {}
+    for name in spec.task_names():
+        if name not in tasks:
+            continue  # plan_mixture names the unknown task, its file and the known ones
+        prompted = tasks[name].prompted(max_examples_per_task, cache_dir=cache_dir)
+        tokenized[name] = tokenize_prompted(prompted, tokenizer, kind)
+    counts = {**dict.fromkeys(tasks, 0), **count_examples(tokenized)}
+    plan = plan_mixture(spec, counts)
+    report = mixture_report(
+        plan, tokenized, steps=steps, batch_tokens=batch_tokens, realised_samples=samples, seed=seed
+    )
+    if plot is not None:
+        plot_mixture_report(report, plot)
+    return report

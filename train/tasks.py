@@ -1,0 +1,822 @@
+"""Tasks from YAML: source -> preprocessors -> PromptSource templates -> prompted examples.
+
+A task file (``data_mixtures/*.yaml``) looks like::
+
+    include: [other_tasks.yaml]          # their tasks become visible here (paths relative to this file)
+    tasks:
+      - name: copa
+        source: {type: jsonl, data_files: {validation: demo_data/copa/validation.jsonl}}
+        # or: {type: hub, path: super_glue, name: copa}   -> datasets.load_dataset(path, name, split=split)
+        # json/jsonl/csv/parquet also take `fields: [a, b]` (records stored as positional lists) and
+        # `join: {type: jsonl, data_files: other.jsonl, key: id}` (add the fields of the matching row).
+        split: validation
+        preprocessors: [{name: rename, args: {mapping: {old: new}}}]   # train.preprocessors, in order
+        templates: {file: templates/super_glue/copa/templates.yaml, names: null, original_task: true,
+                    choices_in_prompt: null, languages: [en]}
+        metadata: {dataset: super_glue/copa, cluster: sentence_completion, language: en}
+    mixture: ...                         # owned by train.mixtures: kept untouched in TaskFile.sections
+    eval: ...                            # owned by the eval module: kept untouched
+
+Paths. Every relative path in a task file (``data_files``, ``templates.file``, ``include``) resolves
+relative to the directory of the YAML file that contains it, so files work from any working directory.
+
+Using local files without editing a task file (two mechanisms, both arguments of :func:`load_task_file`):
+
+* ``data_files={"copa": "/data/copa.jsonl"}`` (or ``{"copa": {"validation": [...]}}``) replaces the
+  source of the named task by local files; the type comes from the extension. Relative override paths
+  resolve against the current directory (they come from a command line).
+* ``data_root="/data"`` (default: the ``MTF_DATA_ROOT`` environment variable) redirects every ``hub``
+  source to ``<data_root>/<path>[/<name>]/<split>.{jsonl,json,csv,parquet}``, the layout of
+  ``shared/data/tasks`` (e.g. ``super_glue/copa/validation.jsonl``). Local sources are not affected.
+
+Prompted examples follow the contract in COMMON.md: ``{"inputs", "targets", "answer_choices", "task",
+"dataset", "template", "example_index"}`` where ``example_index`` is the row index in the preprocessed
+split. Rows whose render is empty or lacks a field are skipped and counted per (dataset, template)
+(:class:`RenderReport`). Missing fields and runtime errors count as *failures*: above
+``max_failure_fraction`` of the rows a ``DataError`` names template, field and a row. Empty renders do not
+count as failures, because conditional templates produce them by design (TREC's ``fine_grained_LOC``
+renders only LOC questions, ~15% of rows; COPA's "…which may be caused by" only ``cause`` rows).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import difflib
+import hashlib
+import io
+import json
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
+
+import datasets
+import yaml
+
+from train.errors import ConfigError, DataError, TemplateError
+from train.preprocessors import PREPROCESSORS, PreprocessorRegistry
+from train.templates import (SKIP_MISSING_FIELD, SKIP_RENDER_ERROR, TEXT_VAR_LENGTH, Template,
+                             TemplateMetadata, load_templates)
+
+DATA_ROOT_ENV = "MTF_DATA_ROOT"
+LOCAL_TYPES = ("jsonl", "json", "csv", "parquet")
+_EXT_TYPES = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+_READER_VERSION = "1"  # bump when _read_records changes, to invalidate cached Arrow files
+_RENDER_VERSION = "1"
+
+FILE_KEYS = ("tasks", "include")  # the top-level keys this module owns; others are passed through
+TASK_KEYS = ("name", "source", "split", "preprocessors", "templates", "metadata")
+SOURCE_KEYS = {"hub": ("type", "path", "name"),
+               **{t: ("type", "data_files", "fields", "join") for t in LOCAL_TYPES}}
+JOIN_KEYS = ("type", "data_files", "key")  # not "on": YAML 1.1 reads it as True
+TEMPLATE_KEYS = ("file", "names", "original_task", "choices_in_prompt", "languages")
+METADATA_KEYS = ("dataset", "cluster", "language")
+PREPROCESSOR_KEYS = ("name", "args")
+
+_LIST = getattr(datasets, "List", datasets.Sequence)
+PROMPTED_FEATURES = datasets.Features({
+    "inputs": datasets.Value("string"),
+    "targets": _LIST(datasets.Value("string")),
+    "answer_choices": _LIST(datasets.Value("string")),
+    "task": datasets.Value("string"),
+    "dataset": datasets.Value("string"),
+    "template": datasets.Value("string"),
+    "example_index": datasets.Value("int64"),
+})
+_SKIP_COLUMNS = {"_skip_reason": datasets.Value("string"), "_skip_detail": datasets.Value("string")}
+
+
+# ------------------------------------------------------------------------------------------- specs
+
+
+@dataclasses.dataclass(frozen=True)
+class JoinSpec:
+    type: str
+    data_files: tuple[str, ...]
+    on: str
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceSpec:
+    """Where rows come from. ``data_files`` maps split -> absolute paths (local types only)."""
+
+    type: str
+    data_files: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    path: Optional[str] = None
+    name: Optional[str] = None
+    fields: Optional[tuple[str, ...]] = None
+    join: Optional[JoinSpec] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TemplateSelection:
+    file: str
+    names: Optional[tuple[str, ...]] = None
+    original_task: Optional[bool] = None
+    choices_in_prompt: Optional[bool] = None
+    languages: Optional[tuple[str, ...]] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskMetadata:
+    dataset: str
+    cluster: Optional[str] = None
+    language: Optional[str] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class PreprocessorCall:
+    name: str
+    args: Mapping[str, Any]
+
+
+@dataclasses.dataclass
+class RenderReport:
+    """Per (dataset, template): rows seen, rows rendered, skips by reason and the first skipped row."""
+
+    entries: dict[tuple[str, str], dict] = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> list[dict]:
+        return [{"dataset": d, "template": t, **v} for (d, t), v in self.entries.items()]
+
+    def skipped(self) -> int:
+        return sum(sum(v["skipped"].values()) for v in self.entries.values())
+
+
+@dataclasses.dataclass
+class Task:
+    """One dataset split rendered with a set of templates."""
+
+    name: str
+    source: SourceSpec
+    split: str
+    preprocessors: tuple[PreprocessorCall, ...]
+    templates: TemplateSelection
+    metadata: TaskMetadata
+    file: str
+    data_root: Optional[str] = None
+
+    # -- data ---------------------------------------------------------------------------------------
+    def load(self, max_examples: Optional[int] = None, *, cache_dir: Optional[str] = None) -> datasets.Dataset:
+        """Source rows after the preprocessors (the HF schema the templates expect).
+
+        Args:
+            max_examples: keep only the first N rows of the preprocessed split.
+            cache_dir: datasets cache folder (default: the HF datasets cache).
+
+        Raises:
+            DataError: missing/undecodable/empty files, unreachable hub dataset, preprocessor failure.
+        """
+        ds = self._load_source(cache_dir)
+        if self.preprocessors or self.source.join is not None:
+            ds = self._preprocess(ds)
+        if len(ds) == 0:
+            raise DataError(f"task {self.name!r} ({self.file}): split {self.split!r} has no rows after "
+                            f"preprocessing. Check the data files and the preprocessors.")
+        if max_examples is not None:
+            ds = ds.select(range(min(max_examples, len(ds))))
+        return ds
+
+    def _where(self) -> str:
+        return f"task {self.name!r} ({self.file})"
+
+    def _load_source(self, cache_dir: Optional[str]) -> datasets.Dataset:
+        src = self.source
+        if src.type == "hub":
+            root = self.data_root if self.data_root is not None else os.environ.get(DATA_ROOT_ENV)
+            if root:
+                return self._read_local(_hub_local_files(root, src, self.split, self._where()), None, cache_dir)
+            try:
+                return datasets.load_dataset(src.path, src.name, split=self.split, cache_dir=cache_dir)
+            except Exception as e:  # noqa: BLE001 - network/hub failures have many types
+                raise DataError(f"{self._where()}: could not load hub dataset {src.path!r} (name {src.name!r}, "
+                                f"split {self.split!r}): {type(e).__name__}: {e}. Offline? Point "
+                                f"{DATA_ROOT_ENV} at local files or pass data_files={{{self.name!r}: ...}}.") from e
+        if self.split not in src.data_files:
+            raise DataError(f"{self._where()}: no data_files for split {self.split!r}; "
+                            f"splits with files: {sorted(src.data_files)}")
+        return self._read_local((src.type, src.data_files[self.split]), src.fields, cache_dir)
+
+    def _read_local(self, typed_files: tuple[str, Sequence[str]], fields: Optional[Sequence[str]],
+                    cache_dir: Optional[str]) -> datasets.Dataset:
+        ftype, files = typed_files
+        stamp = []
+        for f in files:
+            if not os.path.isfile(f):
+                raise DataError(f"{self._where()}: data file not found: {f}")
+            st = os.stat(f)
+            stamp.append((f, st.st_mtime_ns, st.st_size))
+        fingerprint = _hash(["source", _READER_VERSION, ftype, stamp, fields])
+        kwargs = {"ftype": ftype, "files": list(files), "fields": tuple(fields) if fields else None,
+                  "task": self.name}
+        # Fail here with a precise message (file:line) rather than inside the Arrow writer.
+        first = next(_read_records(**kwargs), None)
+        if first is None:
+            raise DataError(f"{self._where()}: no rows in {', '.join(files)} (empty dataset)")
+        try:
+            return datasets.Dataset.from_generator(_read_records, gen_kwargs=kwargs, cache_dir=cache_dir,
+                                                   fingerprint=fingerprint)
+        except datasets.exceptions.DatasetGenerationError as e:
+            cause = e.__cause__ or e.__context__
+            if isinstance(cause, DataError):
+                raise cause from None
+            raise DataError(f"{self._where()}: could not read {', '.join(files)}: {cause or e}. Every row "
+                            f"must have the same fields with consistent types.") from e
+
+    def _preprocess(self, ds: datasets.Dataset) -> datasets.Dataset:
+        join_rows = None
+        if self.source.join is not None:
+            j = self.source.join
+            join_rows = {}
+            for row in _read_records(j.type, list(j.data_files), None, self.name):
+                if j.on not in row:
+                    raise DataError(f"{self._where()}: join file {j.data_files[0]} has a row without {j.on!r}")
+                join_rows[row[j.on]] = row
+        calls = [(c.name, dict(c.args)) for c in self.preprocessors]
+        fingerprint = _hash(["preprocess", ds._fingerprint, calls, self.source.join and
+                             dataclasses.asdict(self.source.join), _file_stamp(self.source.join)])
+        kwargs = {"calls": calls, "join_rows": join_rows, "join_on": self.source.join.on if self.source.join else None,
+                  "where": self._where()}
+        out_keys = None
+        for index, row in enumerate(ds):  # the output schema: fields of the first row the chain produces
+            produced = _apply_chain(row, index, **kwargs)
+            if produced:
+                out_keys = list(produced[0])
+                break
+        if out_keys is None:
+            raise DataError(f"{self._where()}: the preprocessors produced no rows from {len(ds)} source rows")
+        return ds.map(_preprocess_batch, batched=True, with_indices=True, remove_columns=ds.column_names,
+                      fn_kwargs={**kwargs, "out_keys": out_keys},
+                      new_fingerprint=fingerprint, desc=f"preprocess {self.name}")
+
+    # -- templates ----------------------------------------------------------------------------------
+    def select_templates(self) -> list[Template]:
+        """The templates this task renders.
+
+        Raises:
+            TemplateError: missing templates file, unknown template name, or an empty selection.
+        """
+        sel = self.templates
+        chosen = load_templates(sel.file).select(names=sel.names, original_task=sel.original_task,
+                                                 choices_in_prompt=sel.choices_in_prompt,
+                                                 languages=sel.languages)
+        if not chosen:
+            raise TemplateError(f"{self._where()}: no template of {sel.file} matches names={sel.names}, "
+                                f"original_task={sel.original_task}, choices_in_prompt={sel.choices_in_prompt},"
+                                f" languages={sel.languages}")
+        return chosen
+
+    # -- prompted examples ----------------------------------------------------------------------------
+    def prompted_with_report(self, max_examples: Optional[int] = None, *,
+                             max_field_chars: Optional[int] = TEXT_VAR_LENGTH,
+                             max_failure_fraction: float = 0.5,
+                             cache_dir: Optional[str] = None) -> tuple[datasets.Dataset, RenderReport]:
+        """Render every selected template over the (first ``max_examples``) rows.
+
+        Args:
+            max_examples: source rows to use (None: all).
+            max_field_chars: truncation of each ``{{ }}`` value (PromptSource: 2048; None: off).
+            max_failure_fraction: raise when more than this fraction of rows of one template fail
+                (missing field or runtime error). Empty renders are skipped and reported, never raised.
+            cache_dir: datasets cache folder.
+
+        Returns:
+            (dataset with PROMPTED_FEATURES, report of skips per (dataset, template)).
+
+        Raises:
+            DataError / TemplateError: as described above, naming task, template, field and a row.
+        """
+        raw = self.load(max_examples, cache_dir=cache_dir)
+        report = RenderReport()
+        parts = []
+        for tpl in self.select_templates():
+            tpl.compile()  # template bugs (syntax, unknown filter) fail here, before any row is mapped
+            spec = tpl.to_dict()
+            fingerprint = _hash(["render", _RENDER_VERSION, raw._fingerprint, spec, max_field_chars, self.name,
+                                 self.metadata.dataset])
+            rendered = raw.map(_render_batch, batched=True, with_indices=True, remove_columns=raw.column_names,
+                               fn_kwargs={"template": spec, "task": self.name, "dataset": self.metadata.dataset,
+                                          "max_field_chars": max_field_chars},
+                               features=datasets.Features({**PROMPTED_FEATURES, **_SKIP_COLUMNS}),
+                               new_fingerprint=fingerprint, desc=f"render {self.name}/{tpl.name}")
+            reasons = rendered["_skip_reason"]
+            counts = Counter(r for r in reasons if r)
+            first = {}
+            for i, r in enumerate(reasons):
+                if r and r not in first:
+                    first[r] = {"example_index": i, "detail": rendered[i]["_skip_detail"]}
+            n = len(reasons)
+            report.entries[(self.metadata.dataset, tpl.name)] = {
+                "rows": n, "rendered": n - sum(counts.values()), "skipped": dict(counts), "first_skip": first}
+            failures = counts[SKIP_MISSING_FIELD] + counts[SKIP_RENDER_ERROR]
+            if n and failures / n > max_failure_fraction:
+                reason = SKIP_MISSING_FIELD if counts[SKIP_MISSING_FIELD] else SKIP_RENDER_ERROR
+                raise DataError(f"{self._where()}: template {tpl.name!r} of {tpl.file} failed on {failures}/{n} "
+                                f"rows (> {max_failure_fraction:.0%}); first: {reason} "
+                                f"{first[reason]['detail']!r} at example_index {first[reason]['example_index']}. "
+                                f"Add the field with a preprocessor or deselect the template.")
+            kept = rendered.filter(lambda r: r == "", input_columns="_skip_reason",
+                                   new_fingerprint=_hash(["filter", fingerprint]))
+            parts.append(kept.remove_columns(list(_SKIP_COLUMNS)))
+        out = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+        return out, report
+
+    def prompted(self, max_examples: Optional[int] = None, **kwargs: Any) -> datasets.Dataset:
+        """Prompted examples of all selected templates (see :meth:`prompted_with_report`)."""
+        return self.prompted_with_report(max_examples, **kwargs)[0]
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode("utf-8")).hexdigest()[:32]
+
+
+def _file_stamp(join: Optional[JoinSpec]) -> list:
+    if join is None:
+        return []
+    return [(f, os.stat(f).st_mtime_ns, os.stat(f).st_size) for f in join.data_files if os.path.isfile(f)]
+
+
+def _hub_local_files(root: str, src: SourceSpec, split: str, where: str) -> tuple[str, list[str]]:
+    base = Path(root) / str(src.path)
+    if src.name:
+        base = base / src.name
+    for ext, ftype in _EXT_TYPES.items():
+        candidate = base / f"{split}{ext}"
+        if candidate.is_file():
+            return ftype, [str(candidate)]
+    raise DataError(f"{where}: {DATA_ROOT_ENV}/data_root={root} is set but none of "
+                    f"{base}/{split}.{{jsonl,json,csv,parquet}} exists")
+
+
+# ------------------------------------------------------------------------------------ row functions
+
+
+def _read_records(ftype: str, files: Sequence[str], fields: Optional[Sequence[str]], task: str) -> Iterator[dict]:
+    """Yield rows as dicts; every decoding problem is a DataError naming file and line.
+
+    All rows must have the same fields (an Arrow table has one schema): a row that lacks or adds a field
+    is reported with its line instead of failing later inside the Arrow writer.
+    """
+    keys: Optional[set] = None
+    for path, lineno, row in _read_records_unchecked(ftype, files, fields, task):
+        if keys is None:
+            keys = set(row)
+        elif set(row) != keys:
+            missing, extra = sorted(keys - set(row)), sorted(set(row) - keys)
+            raise DataError(f"task {task!r}: {path}:{lineno}: fields differ from the first row "
+                            f"(missing {missing}, extra {extra}); every row needs the same fields")
+        yield row
+
+
+def _read_records_unchecked(ftype: str, files: Sequence[str], fields: Optional[Sequence[str]],
+                            task: str) -> Iterator[tuple[str, int, dict]]:
+    for path in files:
+        if ftype == "parquet":
+            import pyarrow.parquet as pq  # pyarrow is a datasets dependency
+
+            for i, row in enumerate(pq.read_table(path).to_pylist()):
+                yield path, i + 1, row
+            continue
+        with open(path, "rb") as fh:
+            raw = fh.read()
+        if ftype == "jsonl":
+            for lineno, line in enumerate(raw.split(b"\n"), start=1):
+                text = _decode(line, path, lineno, task).strip()
+                if not text:
+                    continue
+                try:
+                    obj = json.loads(text)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"task {task!r}: {path}:{lineno}: invalid JSON ({e.msg}, column {e.colno})") from e
+                yield path, lineno, _as_record(obj, fields, path, lineno, task)
+        elif ftype == "json":
+            text = _decode(raw, path, None, task)
+            try:
+                doc = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DataError(f"task {task!r}: {path}:{e.lineno}: invalid JSON ({e.msg})") from e
+            if isinstance(doc, dict) and isinstance(doc.get("data"), list):
+                doc = doc["data"]
+            if not isinstance(doc, list):
+                raise DataError(f"task {task!r}: {path}: expected a JSON list of records (or {{'data': [...]}})")
+            for i, obj in enumerate(doc):
+                yield path, i + 1, _as_record(obj, fields, path, i + 1, task)
+        elif ftype == "csv":
+            text = _decode(raw, path, None, task)
+            for i, row in enumerate(csv.DictReader(io.StringIO(text, newline=""))):
+                yield path, i + 2, dict(row)  # line 1 is the header
+        else:  # internal invariant: the task file parser validated the type
+            raise AssertionError(ftype)
+
+
+def _decode(data: bytes, path: str, lineno: Optional[int], task: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if lineno is None:  # find the line for the message
+            lineno = data[: e.start].count(b"\n") + 1
+        raise DataError(f"task {task!r}: {path}:{lineno}: not valid UTF-8 (byte 0x{data[e.start]:02x}); "
+                        f"re-encode the file as UTF-8") from e
+
+
+def _as_record(obj: Any, fields: Optional[Sequence[str]], path: str, lineno: int, task: str) -> dict:
+    if fields is not None:
+        if not isinstance(obj, list) or len(obj) != len(fields):
+            raise DataError(f"task {task!r}: {path}: record {lineno} is not a list of {len(fields)} values "
+                            f"({list(fields)})")
+        return dict(zip(fields, obj))
+    if not isinstance(obj, dict):
+        raise DataError(f"task {task!r}: {path}: record {lineno} is a {type(obj).__name__}, not an object; "
+                        f"set source.fields to name positional values")
+    return obj
+
+
+def _apply_chain(row: dict, index: int, calls: list, join_rows: Optional[dict], join_on: Optional[str],
+                 where: str) -> list[dict]:
+    """Join (optional) and run the preprocessor chain on one source row; may return 0..n rows."""
+    if join_rows is not None:
+        if row.get(join_on) not in join_rows:
+            raise DataError(f"{where}: row {index}: no row with {join_on}={row.get(join_on)!r} in the join file")
+        row = {**join_rows[row[join_on]], **row}
+    current = [row]
+    for name, args in calls:
+        p = PREPROCESSORS.get(name)
+        try:
+            if p.kind == "example":
+                current = [p.fn(r, **args) for r in current]
+            else:
+                current = [x for r in current for x in p.fn(r, **args)]
+        except KeyError as e:
+            raise DataError(f"{where}: preprocessor {name!r} at source row {index}: field {e.args[0]!r} is "
+                            f"missing (fields: {sorted(row)})") from e
+        except (ValueError, TypeError) as e:
+            raise DataError(f"{where}: preprocessor {name!r} at source row {index}: {e}") from e
+    return current
+
+
+def _preprocess_batch(batch: dict[str, list], indices: list[int], calls: list, join_rows: Optional[dict],
+                      join_on: Optional[str], where: str, out_keys: list[str]) -> dict[str, list]:
+    out: dict[str, list] = {k: [] for k in out_keys}  # a batch may produce no rows: keep the schema
+    for index, values in zip(indices, zip(*batch.values())):
+        for r in _apply_chain(dict(zip(batch, values)), index, calls, join_rows, join_on, where):
+            if set(r) != set(out_keys):
+                raise DataError(f"{where}: preprocessors produced rows with different fields at source row "
+                                f"{index}: {sorted(out_keys)} vs {sorted(r)}")
+            for k in out_keys:
+                out[k].append(r[k])
+    return out
+
+
+def _render_batch(batch: dict[str, list], indices: list[int], template: dict, task: str, dataset: str,
+                  max_field_chars: Optional[int]) -> dict[str, list]:
+    spec = dict(template)
+    meta = spec.pop("metadata")
+    tpl = Template(**spec, metadata=TemplateMetadata(**{k: tuple(v) if isinstance(v, list) else v
+                                                        for k, v in meta.items()}))
+    out: dict[str, list] = {k: [] for k in list(PROMPTED_FEATURES) + list(_SKIP_COLUMNS)}
+    for index, values in zip(indices, zip(*batch.values())):
+        example = dict(zip(batch, values))
+        rendered, reason, detail = tpl.render_or_skip(example, seed_key=index, max_field_chars=max_field_chars)
+        out["inputs"].append(rendered.inputs if rendered else "")
+        out["targets"].append(rendered.targets if rendered else [])
+        out["answer_choices"].append(rendered.answer_choices if rendered else [])
+        out["task"].append(task)
+        out["dataset"].append(dataset)
+        out["template"].append(tpl.name)
+        out["example_index"].append(index)
+        out["_skip_reason"].append(reason)
+        out["_skip_detail"].append(detail)
+    return out
+
+
+# ------------------------------------------------------------------------------------ task files
+
+
+@dataclasses.dataclass
+class TaskFile:
+    """A parsed task/mixture YAML.
+
+    Attributes:
+        path: absolute path of the file.
+        tasks: name -> Task, including tasks of included files (in include order, then this file's).
+        own_tasks: names defined in this file itself.
+        sections: every other top-level section (``mixture``, ``eval``, ...), untouched.
+    """
+
+    path: str
+    tasks: dict[str, Task]
+    own_tasks: list[str]
+    sections: dict[str, Any]
+
+
+def _check_keys(mapping: Any, allowed: Sequence[str], where: str) -> dict:
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(mapping).__name__}")
+    for key in mapping:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{where}: unknown key {key!r}.{hint} Allowed: {list(allowed)}")
+    return mapping
+
+
+def _resolve(base: Path, p: str) -> str:
+    return str((base / os.path.expanduser(p)).resolve())
+
+
+def _as_files(value: Any, base: Path, where: str) -> tuple[str, ...]:
+    files = [value] if isinstance(value, str) else value
+    if not isinstance(files, list) or not files or not all(isinstance(f, str) for f in files):
+        raise ConfigError(f"{where}: data_files must be a path or a list of paths")
+    return tuple(_resolve(base, f) for f in files)
+
+
+def _type_from_files(files: Sequence[str], where: str) -> str:
+    types = {_EXT_TYPES.get(Path(f).suffix.lower()) for f in files}
+    if len(types) != 1 or None in types:
+        raise ConfigError(f"{where}: cannot infer the file type of {list(files)}; use .jsonl/.json/.csv/.parquet")
+    return types.pop()  # type: ignore[return-value]
+
+
+def _parse_task(raw: Any, base: Path, path: str, registry: PreprocessorRegistry) -> Task:
+    where = f"{path}: tasks[{raw.get('name', '?') if isinstance(raw, dict) else '?'}]"
+    _check_keys(raw, TASK_KEYS, where)
+    for key in ("name", "source", "split", "templates", "metadata"):
+        if key not in raw:
+            raise ConfigError(f"{where}: missing required key {key!r}")
+    name = str(raw["name"])
+    where = f"{path}: task {name!r}"
+
+    src = _check_keys(raw["source"], sorted({k for ks in SOURCE_KEYS.values() for k in ks}), f"{where}.source")
+    stype = src.get("type")
+    if stype not in SOURCE_KEYS:
+        close = difflib.get_close_matches(str(stype), list(SOURCE_KEYS), n=1)
+        raise ConfigError(f"{where}.source.type: {stype!r} is not one of {list(SOURCE_KEYS)}"
+                          + (f"; did you mean {close[0]!r}?" if close else ""))
+    _check_keys(src, SOURCE_KEYS[stype], f"{where}.source")
+    if stype == "hub":
+        if not src.get("path"):
+            raise ConfigError(f"{where}.source: a hub source needs 'path' (e.g. super_glue)")
+        source = SourceSpec(type="hub", path=str(src["path"]),
+                            name=None if src.get("name") is None else str(src["name"]))  # YAML reads 2016 as int
+    else:
+        df = src.get("data_files")
+        if isinstance(df, (str, list)):
+            df = {str(raw["split"]): df}
+        if not isinstance(df, dict) or not df:
+            raise ConfigError(f"{where}.source.data_files: give a mapping split -> path(s)")
+        join = None
+        if src.get("join") is not None:
+            j = _check_keys(src["join"], JOIN_KEYS, f"{where}.source.join")
+            if j.get("type") not in LOCAL_TYPES or not j.get("key") or not j.get("data_files"):
+                raise ConfigError(f"{where}.source.join: needs type (one of {LOCAL_TYPES}), data_files and key")
+            join = JoinSpec(type=j["type"], data_files=_as_files(j["data_files"], base, f"{where}.source.join"),
+                            on=str(j["key"]))
+        source = SourceSpec(type=stype, data_files={str(s): _as_files(f, base, f"{where}.source.data_files")
+                                                    for s, f in df.items()},
+                            fields=tuple(src["fields"]) if src.get("fields") else None, join=join)
+
+    calls = []
+    for i, p in enumerate(raw.get("preprocessors") or []):
+        _check_keys(p, PREPROCESSOR_KEYS, f"{where}.preprocessors[{i}]")
+        args = p.get("args") or {}
+        registry.check_args(str(p.get("name")), args, f"{where}.preprocessors[{i}]")
+        calls.append(PreprocessorCall(name=str(p["name"]), args=args))
+
+    t = _check_keys(raw["templates"], TEMPLATE_KEYS, f"{where}.templates")
+    if not t.get("file"):
+        raise ConfigError(f"{where}.templates: 'file' (a PromptSource templates.yaml) is required")
+    tuple_or_none = lambda v: None if v is None else tuple(v if isinstance(v, list) else [v])  # noqa: E731
+    templates = TemplateSelection(file=_resolve(base, t["file"]), names=tuple_or_none(t.get("names")),
+                                  original_task=t.get("original_task"), choices_in_prompt=t.get("choices_in_prompt"),
+                                  languages=tuple_or_none(t.get("languages")))
+    m = _check_keys(raw["metadata"], METADATA_KEYS, f"{where}.metadata")
+    if not m.get("dataset"):
+        raise ConfigError(f"{where}.metadata: 'dataset' (e.g. super_glue/rte) is required")
+    metadata = TaskMetadata(dataset=str(m["dataset"]), cluster=m.get("cluster"), language=m.get("language"))
+    return Task(name=name, source=source, split=str(raw["split"]), preprocessors=tuple(calls),
+                templates=templates, metadata=metadata, file=path)
+
+
+def load_task_file(path: str | Path, *, data_files: Optional[Mapping[str, Any]] = None,
+                   data_root: Optional[str] = None,
+                   registry: PreprocessorRegistry = PREPROCESSORS,
+                   _seen: Optional[tuple[str, ...]] = None) -> TaskFile:
+    """Parse a task/mixture YAML (the ``tasks`` and ``include`` sections; others are passed through).
+
+    Args:
+        path: the YAML file.
+        data_files: override sources with local files: task name -> path | [paths] | {split: paths}.
+        data_root: redirect hub sources to local files (default: ``$MTF_DATA_ROOT``); see module doc.
+        registry: preprocessor registry used to validate preprocessor names and arguments.
+
+    Returns:
+        TaskFile.
+
+    Raises:
+        ConfigError: unreadable/invalid YAML, unknown keys (with did-you-mean), duplicate task names,
+            include cycles, an override for an unknown task.
+    """
+    p = Path(path).resolve()
+    seen = _seen or ()
+    if str(p) in seen:
+        raise ConfigError(f"include cycle: {' -> '.join(seen + (str(p),))}")
+    try:
+        doc = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise ConfigError(f"task file not found: {p}") from e
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: invalid YAML: {e}") from e
+    doc = doc or {}
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{p}: expected a mapping at the top level (with a 'tasks' list)")
+    tasks: dict[str, Task] = {}
+    root = data_root if data_root is not None else os.environ.get(DATA_ROOT_ENV)
+    for inc in doc.get("include") or []:
+        sub = load_task_file(_resolve(p.parent, str(inc)), data_root=root, registry=registry, _seen=seen + (str(p),))
+        for name, task in sub.tasks.items():
+            if name in tasks:
+                raise ConfigError(f"{p}: task {name!r} is defined twice ({tasks[name].file} and {task.file})")
+            tasks[name] = task
+    raw_tasks = doc.get("tasks") or []
+    if not isinstance(raw_tasks, list):
+        raise ConfigError(f"{p}: 'tasks' must be a list of task definitions")
+    own = []
+    for raw in raw_tasks:
+        task = _parse_task(raw, p.parent, str(p), registry)
+        if task.name in tasks:
+            raise ConfigError(f"{p}: task {task.name!r} is defined twice ({tasks[task.name].file} and {p})")
+        task.data_root = root
+        tasks[task.name] = task
+        own.append(task.name)
+    for name, files in (data_files or {}).items():
+        if name not in tasks:
+            close = difflib.get_close_matches(name, list(tasks), n=1)
+            raise ConfigError(f"data_files override for unknown task {name!r}"
+                              + (f"; did you mean {close[0]!r}?" if close else "") + f". Tasks: {sorted(tasks)}")
+        t = tasks[name]
+        by_split = files if isinstance(files, dict) else {t.split: files}
+        resolved = {s: _as_files(f, Path.cwd(), f"data_files[{name}]") for s, f in by_split.items()}
+        ftype = _type_from_files([f for fs in resolved.values() for f in fs], f"data_files[{name}]")
+        tasks[name] = dataclasses.replace(t, source=SourceSpec(type=ftype, data_files=resolved))
+    sections = {k: v for k, v in doc.items() if k not in FILE_KEYS}
+    return TaskFile(path=str(p), tasks=tasks, own_tasks=own, sections=sections)
+
+
+# --------------------------------------------------------------------------------------- registry
+
+
+class TaskRegistry:
+    """Task name -> Task. Adding a duplicate raises; a missing name lists the known ones."""
+
+    def __init__(self) -> None:
+        self._tasks: dict[str, Task] = {}
+
+    def add(self, task: Task) -> None:
+        if task.name in self._tasks:
+            raise ConfigError(f"task {task.name!r} is already registered (from {self._tasks[task.name].file}); "
+                              f"rename one of them")
+        self._tasks[task.name] = task
+
+    def add_file(self, task_file: TaskFile) -> None:
+        for task in task_file.tasks.values():
+            self.add(task)
+
+    def get(self, name: str) -> Task:
+        if name not in self._tasks:
+            close = difflib.get_close_matches(name, list(self._tasks), n=3)
+            hint = f" Did you mean {close}?" if close else ""
+            raise ConfigError(f"unknown task {name!r}.{hint} Known tasks: {sorted(self._tasks)}")
+        return self._tasks[name]
+
+    def names(self) -> list[str]:
+        return sorted(self._tasks)
+
+    def reset(self) -> None:
+        self._tasks.clear()
+
+
+TASKS = TaskRegistry()
+
+
+# ------------------------------------------------------------------------------------ held-out guard
+
+# Different names of the same data. RTE is both glue/rte and super_glue/rte; WSC "fixed" only corrects
+# some span annotations; the MNLI validation configs are splits of glue/mnli.
+DATASET_ALIASES = {
+    "glue/rte": "super_glue/rte",
+    "rte": "super_glue/rte",
+    "super_glue/wsc.fixed": "super_glue/wsc",
+    "wsc": "super_glue/wsc",
+    "glue/mnli_matched": "glue/mnli",
+    "glue/mnli_mismatched": "glue/mnli",
+    "multi_nli": "glue/mnli",
+    "tau/commonsense_qa": "commonsense_qa",
+    "winogrande/winogrande_debiased": "winogrande/winogrande_xl",
+}
+_DROPPED_CONFIGS = ("none", "default", "plain_text")
+
+
+def normalize_dataset_name(name: str) -> str:
+    """Canonical dataset name: ``"Super_GLUE rte"``, ``"super_glue/rte"``, ``"glue/rte"`` -> ``"super_glue/rte"``.
+
+    Lower-cases, turns spaces/colons/backslashes into ``/``, drops empty configs (``/none``, ``/plain_text``)
+    and applies :data:`DATASET_ALIASES` (only names that really are the same data).
+    """
+    n = name.strip().lower()
+    for sep in (" ", ":", "\\", "\t"):
+        n = n.replace(sep, "/")
+    parts = [x for x in n.split("/") if x]
+    while len(parts) > 1 and parts[-1] in _DROPPED_CONFIGS:
+        parts.pop()
+    n = "/".join(parts)
+    return DATASET_ALIASES.get(n, n)
+
+
+def _same_or_parent(train: str, held: str) -> bool:
+    return train == held or train.startswith(held + "/")
+
+
+def check_held_out(train_tasks: Iterable[Task], held_out: Sequence[str], clusters: Sequence[str] = (),
+                   allow: bool = False) -> list[str]:
+    """Refuse training tasks whose dataset or cluster is held out for evaluation.
+
+    A held-out name also covers its configs (``anli`` covers ``anli/r1``); names are compared after
+    :func:`normalize_dataset_name`, so ``glue/rte`` in training collides with held-out ``super_glue/rte``.
+
+    Args:
+        train_tasks: the training tasks.
+        held_out: held-out dataset names.
+        clusters: held-out task clusters (``metadata.cluster``), e.g. ``["nli", "coreference"]``.
+        allow: return the offenders instead of raising (an explicit, logged opt-out).
+
+    Returns:
+        Descriptions of the offending tasks (empty when clean).
+
+    Raises:
+        ConfigError: there are offenders and ``allow`` is False.
+    """
+    held = [normalize_dataset_name(h) for h in held_out]
+    held_clusters = {c.strip().lower() for c in clusters}
+    offenders = []
+    for t in train_tasks:
+        ds = normalize_dataset_name(t.metadata.dataset)
+        hit = next((h for h in held if _same_or_parent(ds, h)), None)
+        if hit is not None:
+            offenders.append(f"{t.name} (dataset {t.metadata.dataset} = held-out {hit})")
+        elif t.metadata.cluster and t.metadata.cluster.strip().lower() in held_clusters:
+            offenders.append(f"{t.name} (cluster {t.metadata.cluster} is held out)")
+    if offenders and not allow:
+        raise ConfigError("training tasks overlap the held-out evaluation set: " + "; ".join(offenders)
+                          + ". Remove them from the mixture or set allow_held_out: true.")
+    return offenders
+
+
+# ------------------------------------------------------------------------------------------ preview
+
+
+def preview(task_or_file: Union[Task, TaskFile, str, Path], n: int = 3, *,
+            max_field_chars: Optional[int] = TEXT_VAR_LENGTH, **load_kwargs: Any) -> list[dict]:
+    """Prompted examples of the first ``n`` source rows with every selected template (for ``mtf tasks preview``).
+
+    Args:
+        task_or_file: a Task, a TaskFile or the path of a task file (all its tasks).
+        n: source rows per task.
+        load_kwargs: passed to :func:`load_task_file` when a path is given (data_files, data_root).
+
+    Returns:
+        Prompted-example dicts (COMMON.md contract) plus ``"skipped"``: the skip reason or "".
+    """
+    if isinstance(task_or_file, (str, Path)):
+        task_or_file = load_task_file(task_or_file, **load_kwargs)
+    tasks = list(task_or_file.tasks.values()) if isinstance(task_or_file, TaskFile) else [task_or_file]
+    out = []
+    for task in tasks:
+        rows = task.load(n)
+        for tpl in task.select_templates():
+            for i, row in enumerate(rows):
+                r, reason, _ = tpl.render_or_skip(row, seed_key=i, max_field_chars=max_field_chars)
+                out.append({"inputs": r.inputs if r else "", "targets": r.targets if r else [],
+                            "answer_choices": r.answer_choices if r else [], "task": task.name,
+                            "dataset": task.metadata.dataset, "template": tpl.name, "example_index": i,
+                            "skipped": reason})
+    return out
+
+
+def lint_data(task_file: Union[TaskFile, str, Path], max_examples: Optional[int] = 200,
+              **load_kwargs: Any) -> dict[str, list[dict]]:
+    """Preprocessed rows of every loadable task, keyed by resolved templates-file path, for
+    :func:`train.templates.lint_templates` (``mtf templates lint PATH --data TASK_FILE``).
+
+    Tasks whose data cannot be loaded here (e.g. hub sources offline) are left out.
+    """
+    tf = task_file if isinstance(task_file, TaskFile) else load_task_file(task_file, **load_kwargs)
+    data: dict[str, list[dict]] = {}
+    for task in tf.tasks.values():
+        try:
+            rows = task.load(max_examples)
+        except DataError:
+            continue
+        data.setdefault(task.templates.file, []).extend(rows.to_list())
+    return data
