@@ -41,14 +41,14 @@ def test_wrong_type_names_the_expected_type():
 
 
 def test_override_reaches_the_resolved_config(tmp_path):
-    cfg = load_config("configs/demo.yaml", ["optim.lr=3e-4", "trainer.max_steps=7", "eval.mixture=null",
+    cfg = load_config("configs/demo.yaml", ["optim.lr=3e-4", "trainer.max_steps=17", "eval.mixture=null",
                                             f"run.output_dir={tmp_path}"])
     assert cfg.optim.lr == pytest.approx(3e-4)
-    assert cfg.trainer.max_steps == 7
+    assert cfg.trainer.max_steps == 17
     assert cfg.eval.mixture is None
     save_config(cfg, tmp_path / "config.yaml")
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
-    assert saved["optim"]["lr"] == pytest.approx(3e-4) and saved["trainer"]["max_steps"] == 7
+    assert saved["optim"]["lr"] == pytest.approx(3e-4) and saved["trainer"]["max_steps"] == 17
     # the saved file loads back to the same config
     again = load_config(tmp_path / "config.yaml")
     assert to_dict(again) == to_dict(cfg)

@@ -102,20 +102,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_templates_lint(args: argparse.Namespace) -> int:
+    from train.tasks import lint_data
     from train.templates import format_lint_report, lint_templates
 
-    report = lint_templates([Path(p) for p in args.paths], data=args.data)
+    data = lint_data(args.data) if args.data else None
+    report = lint_templates([Path(p) for p in args.paths], data=data)
     if args.json:
         _print_json(report)
     else:
         print(format_lint_report(report))
-    return EXIT_OK if not report.get("load_errors") else EXIT_USER_ERROR
+    return EXIT_OK if not report["summary"]["load_errors"] else EXIT_USER_ERROR
 
 
 def cmd_tasks_preview(args: argparse.Namespace) -> int:
-    from train.tasks import preview
+    from train.errors import ConfigError
+    from train.tasks import load_task_file, preview
 
-    examples = preview(args.target, n=args.n)
+    path, _, task_name = args.target.partition(":") if not Path(args.target).exists() else (args.target, "", "")
+    task_file = load_task_file(path)
+    if task_name:
+        if task_name not in task_file.tasks:
+            raise ConfigError(f"{path}: no task {task_name!r}; tasks: {', '.join(sorted(task_file.tasks))}.")
+        examples = preview(task_file.tasks[task_name], n=args.n)
+    else:
+        examples = preview(task_file, n=args.n)
     if args.json:
         _print_json(examples)
     else:

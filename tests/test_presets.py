@@ -1,0 +1,56 @@
+"""Recipe presets resolve to the published settings (T0, BLOOMZ, mT0) and the CPU demo."""
+
+from pathlib import Path
+
+import pytest
+
+from train.config import load_config
+from train.trainer import plan_batch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _in_repo(monkeypatch):
+    monkeypatch.chdir(REPO)
+
+
+def test_t0_3b_matches_t_zero():
+    cfg = load_config("configs/runs/t0_3b.yaml")
+    assert cfg.model.kind == "encdec" and "t5" in cfg.model.name_or_path and "lm-adapt" in cfg.model.name_or_path
+    assert (cfg.data.max_input_tokens, cfg.data.max_target_tokens, cfg.data.packing) == (1024, 256, True)
+    assert (cfg.optim.name, cfg.optim.lr, cfg.schedule.name, cfg.schedule.warmup_steps) == ("adafactor", 1e-3, "constant", 0)
+    assert cfg.trainer.global_batch_tokens == 2**20
+    assert plan_batch(cfg, "encdec", world_size=8).global_rows == 1024  # ~1M tokens = 1024 rows of 1024
+    assert cfg.trainer.max_steps == 12200
+    assert cfg.trainer.precision == "bf16"
+    assert cfg.data.train_mixture.endswith("t0_train.yaml") and cfg.eval.mixture.endswith("t0_eval.yaml")
+
+
+def test_bloomz_560m_matches_tr13_mtf():
+    cfg = load_config("configs/runs/bloomz_560m.yaml")
+    assert cfg.model.kind == "decoder" and cfg.model.name_or_path == "bigscience/bloom-560m"
+    assert (cfg.data.max_tokens, cfg.data.packing) == (2048, True)
+    assert cfg.trainer.loss_normalization == "target_mean"
+    o = cfg.optim
+    assert (o.name, o.lr, o.betas, o.eps, o.weight_decay, o.clip_grad_norm) == ("adamw", 2e-5, [0.9, 0.95], 1e-8, 1e-4, 1.0)
+    assert (cfg.schedule.name, cfg.schedule.warmup_steps) == ("constant", 0)
+    assert cfg.trainer.precision == "bf16"
+    assert cfg.trainer.global_batch_size * cfg.trainer.max_steps == pytest.approx(6_348_800, rel=0.001)
+
+
+def test_mt0_base_matches_xmtf():
+    cfg = load_config("configs/runs/mt0_base.yaml")
+    assert cfg.model.name_or_path == "google/mt5-base" and cfg.model.kind == "encdec"
+    assert (cfg.data.max_input_tokens, cfg.data.max_target_tokens, cfg.data.packing) == (1024, 1024, False)
+    assert cfg.trainer.loss_normalization == "sequence_mean"
+    assert cfg.trainer.global_batch_size == 512
+    assert (cfg.optim.name, cfg.optim.lr, cfg.schedule.name) == ("adafactor", 1e-3, "constant")
+
+
+def test_demo_is_a_small_cpu_run():
+    cfg = load_config("configs/runs/demo.yaml")
+    assert cfg.model.config == "configs/models/t5_tiny.json" and cfg.model.tokenizer == "configs/tokenizers/t5"
+    assert cfg.trainer.precision == "fp32" and cfg.trainer.deepspeed is None
+    assert cfg.eval.mixture == "data_mixtures/demo_eval.yaml"
+    assert cfg.trainer.max_steps <= 300
