@@ -151,7 +151,7 @@ def train(cfg: Config) -> dict:
 
     from train import data as data_mod
     from train.features import collate, model_forward
-    from train.losses import local_denominator, local_numerator, token_nll
+    from train.losses import local_denominator, local_numerator, scaled_loss, token_nll
     from train.models import build_model, load_model_config, load_tokenizer, model_info
 
     # ---- model description, tokenizer and batch plan (cheap; fail before any heavy work)
@@ -179,10 +179,10 @@ def train(cfg: Config) -> dict:
     model = build_model(cfg.model, model_config, info.kind)
     optimizer = build_optimizer(cfg, model)
     model, optimizer = accelerator.prepare(model, optimizer)
-    # The scheduler is stepped by hand once per optimizer step (accelerate's wrapper would step it
-    # once per process).
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
-                                                  lr_lambda(cfg))
+    # The learning rate is a pure function of the step, set on the (possibly DeepSpeed-wrapped)
+    # optimizer's param groups before each step: nothing to checkpoint, nothing to drift on resume,
+    # and no scheduler object for DeepSpeed's ZeRO-3 wrapper to break.
+    lr_at = lr_lambda(cfg)
 
     ctx = TrainContext(cfg=cfg, accelerator=accelerator, model=model, tokenizer=tokenizer, kind=info.kind)
     n_params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
@@ -194,7 +194,6 @@ def train(cfg: Config) -> dict:
         state = checkpointing.load_checkpoint(accelerator, resume_from)
         stream.load_state_dict(state["stream"])
         packer.load_state_dict(state["packer"])
-        scheduler.load_state_dict(state["scheduler"])
         ctx.step, ctx.tokens_seen, ctx.examples_seen = state["step"], state["tokens_seen"], state["examples_seen"]
         ctx.task_counts = Counter(state.get("task_counts", {}))
         ctx.best_metric_value = state.get("best_metric_value")
@@ -202,7 +201,7 @@ def train(cfg: Config) -> dict:
 
     def trainer_state() -> dict:
         return {"step": ctx.step, "tokens_seen": ctx.tokens_seen, "examples_seen": ctx.examples_seen,
-                "stream": stream.state_dict(), "packer": packer.state_dict(), "scheduler": scheduler.state_dict(),
+                "stream": stream.state_dict(), "packer": packer.state_dict(),
                 "task_counts": dict(ctx.task_counts), "best_metric_value": ctx.best_metric_value,
                 "config": to_dict(cfg)}
 
@@ -235,7 +234,9 @@ def train(cfg: Config) -> dict:
         global_batches = [collate(rows[i:i + plan.micro_batch_size], **collate_kwargs)
                           for i in range(0, len(rows), plan.micro_batch_size)]
         denominator = float(sum(float(local_denominator(b, mode)) for b in global_batches))
-        scale = plan.world_size * plan.grad_accum / max(denominator, 1e-12)
+        ctx.lr = cfg.optim.lr * lr_at(ctx.step)
+        for group in optimizer.param_groups:
+            group["lr"] = ctx.lr
         numerator_sum = torch.zeros((), device=accelerator.device)
         grad_norm = None
         for batch in micro_batches:
@@ -245,15 +246,16 @@ def train(cfg: Config) -> dict:
                     logits = model_forward(model, batch, info.kind)
                 nll = token_nll(logits, batch["labels"])
                 numerator = local_numerator(nll, batch, mode)
-                accelerator.backward(numerator * scale)
+                # accelerate (and DeepSpeed) divide by grad_accum and DDP averages over ranks: undo both,
+                # so the summed gradient is exactly d(global numerator / global denominator).
+                accelerator.backward(scaled_loss(numerator, denominator, mode=mode, world_size=plan.world_size) * plan.grad_accum)
                 numerator_sum += numerator.detach()
                 if accelerator.sync_gradients and cfg.optim.clip_grad_norm and not cfg.trainer.deepspeed:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
         loss = accelerator.reduce(numerator_sum, reduction="sum") if plan.world_size > 1 else numerator_sum
-        ctx.last_loss = float(loss) / max(denominator, 1e-12)
+        ctx.last_loss = float(loss) / denominator if mode != "sum" and denominator > 0 else float(loss)
         if cfg.trainer.nan_guard and not math.isfinite(ctx.last_loss):
             logging_hook.log({"train/loss_last": ctx.last_loss}, ctx.step + 1)
             raise TrainingError(
@@ -262,7 +264,6 @@ def train(cfg: Config) -> dict:
                 "Lower `optim.lr`, use `trainer.precision=bf16` or fp32 (not fp16 for T5), or check the data.")
         ctx.step += 1
         ctx.last_grad_norm = float(grad_norm) if grad_norm is not None else None
-        ctx.lr = scheduler.get_last_lr()[0]
         step_tokens = sum(len(r.get("input_ids", [])) + len(r.get("target_ids", [])) for r in rows)
         ctx.tokens_seen += step_tokens
         ctx.examples_seen += sum(len(r["tasks"]) for r in rows)

@@ -1,0 +1,332 @@
+"""Feature converter: packed rows -> model tensors, and the one forward pass that knows each architecture.
+
+Only this module knows the model architecture. :func:`collate` pads rows to the FIXED capacity (static
+shapes, one compiled graph) and makes labels; :func:`model_forward` builds the segment-aware attention
+masks at forward time (in the dtype the attention will run in, so bf16 autocast works) and returns
+logits aligned with ``batch["labels"]``.
+
+Labels are PRE-SHIFTED for every kind: ``logits[b, t]`` predicts ``labels[b, t]``. Never pass these
+labels to a Hugging Face model's ``labels=`` argument (a decoder would shift them a second time);
+:mod:`train.losses` computes the loss from the logits.
+
+- enc-dec: ``labels`` = target ids; ``decoder_input_ids`` = the targets shifted right *per segment*
+  (``decoder_start_id`` at each segment start, seqio's ``make_autoregressive_inputs``).
+- decoder / prefix-LM: ``labels[b, t]`` = token ``t + 1`` when that token is a target token of the SAME
+  segment, else IGNORE_INDEX. So the first target token is predicted from the last input token of its
+  own segment, and the last token of a segment never predicts the first token of the next one.
+
+Masks (additive float, 0 = attend, ``finfo(dtype).min`` = blocked; boolean masks are silently wrong
+under eager attention, see FIELD_NOTES.md), shape (batch, 1, queries, keys):
+
+- encoder self-attention: same segment.
+- decoder self-attention (enc-dec and causal decoder): same segment and key <= query.
+- cross-attention: decoder segment == encoder segment.
+- prefix-LM: same segment and (key <= query, or both query and key are input tokens).
+
+Padding QUERIES (segment 0) may attend to every key: no row of a mask is fully blocked, so no NaN can
+appear even if a blocked score rounds to -inf (e.g. bf16), and their outputs carry no loss, so they
+change nothing. Padding KEYS are never attended by real tokens.
+
+Decoders also get ``position_ids`` reset per segment and run with ``use_cache=False`` (with the cache on,
+some models ignore the 4-D mask, FIELD_NOTES.md). BLOOM has no position ids: its ALiBi bias is built
+from plain key positions 0..L-1 by :func:`install_bloom_packing_adapter`, which is exact because ALiBi
+adds ``slope * key_position`` and softmax is invariant to a constant shift per query row (every key a
+query may attend lies in its own segment, so the segment's offset is such a constant).
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+from collections.abc import Sequence
+
+import torch
+
+from train.errors import ConfigError, DataError
+
+IGNORE_INDEX = -100
+
+_ROW_FIELDS = {
+    "encdec": (
+        "input_ids", "input_segment_ids", "input_positions", "target_ids", "target_segment_ids", "target_positions",
+    ),
+    "decoder": ("input_ids", "segment_ids", "positions", "loss_mask", "prefix_mask"),
+    "prefix_lm": ("input_ids", "segment_ids", "positions", "loss_mask", "prefix_mask"),
+}
+
+
+def _pad(seqs: Sequence[Sequence[int]], length: int, value: int, what: str) -> torch.Tensor:
+    out = torch.full((len(seqs), length), value, dtype=torch.long)  # (batch, length)
+    for i, seq in enumerate(seqs):
+        if len(seq) > length:
+            raise DataError(
+                f"features: row {i} has {len(seq)} {what} tokens, more than the capacity {length}; "
+                "pack with the same max_*_tokens as the collator"
+            )
+        out[i, : len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
+    return out
+
+
+def collate(
+    rows: Sequence[dict],
+    kind: str,
+    *,
+    pad_id: int,
+    decoder_start_id: int | None = None,
+    max_input_tokens: int | None = None,
+    max_target_tokens: int | None = None,
+    max_tokens: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Pad packed rows to the fixed capacity and build labels.
+
+    Args:
+        rows: packed rows from :class:`train.packing.Packer`.
+        kind: "encdec", "decoder" or "prefix_lm".
+        pad_id: token id written into padding positions.
+        decoder_start_id: enc-dec only, the token that starts every target segment (T5: pad id 0).
+        max_input_tokens, max_target_tokens: enc-dec capacities.
+        max_tokens: decoder capacity.
+
+    Returns:
+        enc-dec: input_ids, input_segment_ids, input_positions (batch, max_input_tokens);
+        decoder_input_ids, target_segment_ids, target_positions, labels, loss_segment_ids
+        (batch, max_target_tokens). Decoder kinds: input_ids, segment_ids, position_ids, prefix_mask,
+        labels, loss_segment_ids (batch, max_tokens). ``loss_segment_ids`` is the segment of each label
+        (0 where the label is IGNORE_INDEX); all tensors are int64. Segment 0 is padding.
+
+    Raises:
+        ConfigError: unknown kind or a missing capacity / decoder_start_id.
+        DataError: a row lacks a field or exceeds the capacity.
+    """
+    if kind not in _ROW_FIELDS:
+        raise ConfigError(f"features: unknown model kind {kind!r}; expected one of {list(_ROW_FIELDS)}")
+    if not rows:
+        raise DataError("features: collate got an empty list of rows")
+    for i, row in enumerate(rows):
+        missing = [f for f in _ROW_FIELDS[kind] if f not in row]
+        if missing:
+            raise DataError(f"features: row {i} lacks {missing} for kind {kind!r}; was it packed for another kind?")
+
+    if kind == "encdec":
+        if max_input_tokens is None or max_target_tokens is None or decoder_start_id is None:
+            raise ConfigError("features: encdec needs max_input_tokens, max_target_tokens and decoder_start_id")
+        batch = {
+            "input_ids": _pad([r["input_ids"] for r in rows], max_input_tokens, pad_id, "input"),
+            "input_segment_ids": _pad([r["input_segment_ids"] for r in rows], max_input_tokens, 0, "input"),
+            "input_positions": _pad([r["input_positions"] for r in rows], max_input_tokens, 0, "input"),
+            "target_segment_ids": _pad([r["target_segment_ids"] for r in rows], max_target_tokens, 0, "target"),
+            "target_positions": _pad([r["target_positions"] for r in rows], max_target_tokens, 0, "target"),
+        }
+        targets = _pad([r["target_ids"] for r in rows], max_target_tokens, pad_id, "target")
+        seg = batch["target_segment_ids"]
+        # Shift right within each segment: position 0 of every segment gets the start token.
+        shifted = torch.cat([torch.full_like(targets[:, :1], decoder_start_id), targets[:, :-1]], dim=1)
+        starts = batch["target_positions"] == 0
+        decoder_input_ids = torch.where(starts, torch.full_like(targets, decoder_start_id), shifted)
+        batch["decoder_input_ids"] = torch.where(seg > 0, decoder_input_ids, torch.full_like(targets, pad_id))
+        batch["labels"] = torch.where(seg > 0, targets, torch.full_like(targets, IGNORE_INDEX))
+        batch["loss_segment_ids"] = seg.clone()
+        return batch
+
+    if max_tokens is None:
+        raise ConfigError(f"features: kind {kind!r} needs max_tokens")
+    input_ids = _pad([r["input_ids"] for r in rows], max_tokens, pad_id, "")
+    seg = _pad([r["segment_ids"] for r in rows], max_tokens, 0, "")
+    loss_mask = _pad([r["loss_mask"] for r in rows], max_tokens, 0, "")
+    # Pre-shift: the label at t is token t+1, kept only if t+1 is a target token of the same segment.
+    next_ids = torch.cat([input_ids[:, 1:], torch.full_like(input_ids[:, :1], pad_id)], dim=1)
+    next_seg = torch.cat([seg[:, 1:], torch.zeros_like(seg[:, :1])], dim=1)
+    next_is_target = torch.cat([loss_mask[:, 1:], torch.zeros_like(loss_mask[:, :1])], dim=1) > 0
+    keep = next_is_target & (next_seg == seg) & (seg > 0)
+    return {
+        "input_ids": input_ids,
+        "segment_ids": seg,
+        "position_ids": _pad([r["positions"] for r in rows], max_tokens, 0, ""),
+        "prefix_mask": _pad([r["prefix_mask"] for r in rows], max_tokens, 0, ""),
+        "labels": torch.where(keep, next_ids, torch.full_like(next_ids, IGNORE_INDEX)),
+        "loss_segment_ids": torch.where(keep, seg, torch.zeros_like(seg)),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- masks
+
+
+def _additive(allowed: torch.Tensor, query_seg: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(batch, q, k) bool -> (batch, 1, q, k) additive float; padding queries may attend everywhere."""
+    allowed = allowed | (query_seg == 0)[:, :, None]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
+def segment_mask(
+    query_seg: torch.Tensor,
+    key_seg: torch.Tensor,
+    dtype: torch.dtype,
+    *,
+    causal: bool,
+    prefix: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Additive attention mask that keeps attention inside each segment.
+
+    Args:
+        query_seg: (batch, q) segment ids of the queries, 0 = padding.
+        key_seg: (batch, k) segment ids of the keys, 0 = padding.
+        dtype: float dtype of the mask (the dtype the attention runs in).
+        causal: also require key index <= query index (self-attention only, q == k).
+        prefix: (batch, q) 1 on prefix-LM input tokens, which attend bidirectionally among themselves.
+
+    Returns:
+        (batch, 1, q, k) tensor of 0 (attend) and ``finfo(dtype).min`` (blocked).
+    """
+    allowed = (query_seg[:, :, None] == key_seg[:, None, :]) & (key_seg[:, None, :] > 0)  # (batch, q, k)
+    if causal:
+        q_len, k_len = query_seg.shape[1], key_seg.shape[1]
+        order = torch.ones(q_len, k_len, dtype=torch.bool, device=query_seg.device).tril()  # (q, k)
+        if prefix is not None:
+            both_inputs = (prefix[:, :, None] > 0) & (prefix[:, None, :] > 0)  # (batch, q, k)
+            order = order[None] | both_inputs
+        allowed = allowed & order
+    return _additive(allowed, query_seg, dtype)
+
+
+def _attention_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype attention scores are computed in: the autocast dtype if autocast is on, else the weights'."""
+    param = next(model.parameters())
+    device_type = param.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return param.dtype
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+def install_bloom_packing_adapter(bloom_model: torch.nn.Module) -> None:
+    """Make a BLOOM model accept 4-D masks by building ALiBi from plain key positions 0..L-1.
+
+    BLOOM builds ALiBi from a 2-D padding mask (``BloomModel.build_alibi_tensor``) and fails on a 4-D mask.
+    This replaces that method on THIS instance (no global patch): for a 4-D mask it returns
+    ``slope * arange(key_length)``, which is exact under any mask that keeps each query inside its own
+    contiguous segment (softmax is shift-invariant per query row). 2-D masks use the original code.
+    Idempotent.
+
+    Args:
+        bloom_model: a ``BloomForCausalLM`` or ``BloomModel``.
+    """
+    from transformers.models.bloom.modeling_bloom import build_alibi_tensor
+
+    base = getattr(bloom_model, "transformer", bloom_model)
+    if getattr(base, "_mtf_packing_adapter", False):
+        return
+
+    def _build(self, attention_mask: torch.Tensor, num_heads: int, dtype: torch.dtype) -> torch.Tensor:
+        if attention_mask.ndim == 4:
+            batch, _, _, key_len = attention_mask.shape  # (batch, 1, q, k)
+            plain = torch.ones(batch, key_len, dtype=torch.long, device=attention_mask.device)
+            return build_alibi_tensor(plain, num_heads, dtype)  # (batch * heads, 1, k)
+        return build_alibi_tensor(attention_mask, num_heads, dtype)
+
+    base.build_alibi_tensor = types.MethodType(_build, base)
+    base._mtf_packing_adapter = True
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    # DDP / accelerate wrappers keep the real model in .module; config and submodules live there.
+    return getattr(model, "module", model)
+
+
+def model_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
+    """Run a packed batch through a Hugging Face model and return logits aligned with ``batch["labels"]``.
+
+    enc-dec (T5/mT5) uses two calls, because the single call reuses the encoder mask for cross-attention
+    and fails with 4-D masks (FIELD_NOTES.md): ``model.encoder(input_ids, attention_mask=<self mask>)``,
+    then ``model(encoder_outputs=..., attention_mask=<cross mask>, decoder_attention_mask=<causal mask>)``
+    through the (possibly DDP-wrapped) model, so the call that produces the loss goes through the wrapper.
+
+    Args:
+        model: a seq2seq LM (kind "encdec") or causal LM (kinds "decoder", "prefix_lm"), possibly wrapped.
+        batch: the output of :func:`collate` (on the model's device).
+        kind: "encdec", "decoder" or "prefix_lm".
+
+    Returns:
+        (batch, seq, vocab) logits; ``logits[b, t]`` predicts ``batch["labels"][b, t]``.
+
+    Raises:
+        ConfigError: unknown kind, or a decoder that takes no position_ids and is not BLOOM.
+    """
+    inner = _unwrap(model)
+    dtype = _attention_dtype(inner)
+    if kind == "encdec":
+        enc_seg, dec_seg = batch["input_segment_ids"], batch["target_segment_ids"]
+        encoder_outputs = inner.get_encoder()(
+            input_ids=batch["input_ids"],
+            attention_mask=segment_mask(enc_seg, enc_seg, dtype, causal=False),
+            return_dict=True,
+        )
+        out = model(
+            encoder_outputs=encoder_outputs,
+            attention_mask=segment_mask(dec_seg, enc_seg, dtype, causal=False),  # cross-attention only
+            decoder_input_ids=batch["decoder_input_ids"],
+            decoder_attention_mask=segment_mask(dec_seg, dec_seg, dtype, causal=True),
+            use_cache=False,
+            return_dict=True,
+        )
+        return out.logits
+    if kind not in ("decoder", "prefix_lm"):
+        raise ConfigError(f"features: unknown model kind {kind!r}; expected 'encdec', 'decoder' or 'prefix_lm'")
+    seg = batch["segment_ids"]
+    prefix = batch["prefix_mask"] if kind == "prefix_lm" else None
+    mask = segment_mask(seg, seg, dtype, causal=True, prefix=prefix)
+    kwargs = {"input_ids": batch["input_ids"], "attention_mask": mask, "use_cache": False, "return_dict": True}
+    if getattr(inner.config, "model_type", "") == "bloom":
+        install_bloom_packing_adapter(inner)  # ALiBi from plain positions; BLOOM takes no position_ids
+    elif "position_ids" in inspect.signature(inner.forward).parameters:
+        kwargs["position_ids"] = batch["position_ids"]
+    else:
+        raise ConfigError(
+            f"features: {type(inner).__name__} takes no position_ids, so packed rows cannot restart positions "
+            "per segment; use pack=False for it or add an adapter like install_bloom_packing_adapter"
+        )
+    return model(**kwargs).logits
+
+
+# ---------------------------------------------------------------------------------------------- reference
+
+
+def reference_target_nll(
+    model: torch.nn.Module, example: dict, kind: str, *, decoder_start_id: int | None = None
+) -> torch.Tensor:
+    """Per-token NLL of one example's target, run alone and unpacked (the reference for exactness tests).
+
+    enc-dec and causal decoders use the model's own standard path (no custom masks, default positions),
+    so they are an independent reference. prefix-LM has no standard path: it runs the example alone
+    through :func:`model_forward` (one segment, no padding), which checks isolation, not the prefix mask.
+
+    Args:
+        model: the model.
+        example: {"input_ids", "target_ids"}.
+        kind: "encdec", "decoder" or "prefix_lm".
+        decoder_start_id: enc-dec only.
+
+    Returns:
+        (len(target_ids),) fp32 NLL of each target token (differentiable).
+    """
+    device = next(model.parameters()).device
+    inputs = torch.tensor([example["input_ids"]], device=device)
+    targets = torch.tensor(example["target_ids"], device=device)
+    n_in, n_tgt = len(example["input_ids"]), len(example["target_ids"])
+    if kind == "encdec":
+        dec_in = torch.tensor([[decoder_start_id] + example["target_ids"][:-1]], device=device)
+        logits = model(input_ids=inputs, decoder_input_ids=dec_in, use_cache=False).logits[0]  # (tgt, vocab)
+    elif kind == "decoder":
+        ids = torch.cat([inputs, targets[None]], dim=1)
+        logits = model(input_ids=ids, use_cache=False).logits[0, n_in - 1 : n_in + n_tgt - 1]
+    else:
+        from train.packing import build_row
+
+        row = build_row([{"input_ids": example["input_ids"], "target_ids": example["target_ids"]}], kind)
+        batch = collate([row], kind, pad_id=0, max_tokens=n_in + n_tgt)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model_forward(model, batch, kind)[0, n_in - 1 : n_in + n_tgt - 1]
+    return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
