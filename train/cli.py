@@ -86,11 +86,19 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from train.evaluation import run_eval_command
+    from train.eval_runner import count_shards, run_eval_command
 
+    if args.count_shards:
+        count = count_shards(args.mixture)
+        print(json.dumps({"shards": count}) if args.json else count)
+        return EXIT_OK
+    if not args.model:
+        from train.errors import ConfigError
+
+        raise ConfigError("mtf eval needs MODEL (a model directory, run directory or checkpoint), unless --count-shards.")
     results = run_eval_command(model_dir=args.model, mixture=args.mixture, kind=args.kind, tokenizer=args.tokenizer,
                                batch_size=args.batch_size, max_examples_per_template=args.max_examples_per_template,
-                               output=args.output)
+                               output=args.output, shard=args.shard)
     if results is not None:
         if args.json:
             _print_json(results)
@@ -98,6 +106,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
             from train.evaluation import format_results_table
 
             print(format_results_table(results))
+    return EXIT_OK
+
+
+def cmd_eval_merge(args: argparse.Namespace) -> int:
+    from train.eval_runner import merge_results
+    from train.evaluation import format_results_table, write_results
+
+    results = merge_results(args.shards)
+    if args.output:
+        write_results(args.output, results)
+    if args.json:
+        _print_json(results)
+    else:
+        print(format_results_table(results))
     return EXIT_OK
 
 
@@ -183,13 +205,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("eval", "Zero-shot evaluation (rank classification / generation) of a Hugging Face model directory or a "
             "run's export on an eval mixture; prints per-template accuracy and per-dataset medians.", cmd_eval)
-    p.add_argument("model", help="model directory (config.json + weights), e.g. runs/demo/final")
+    p.add_argument("model", nargs="?", help="a Hugging Face model directory (e.g. runs/demo/final), a run directory, "
+                   "or a run checkpoint (runs/demo/checkpoints/step-00000040)")
     p.add_argument("--mixture", required=True, help="eval mixture YAML, e.g. data_mixtures/demo_eval.yaml")
     p.add_argument("--kind", default="auto", choices=["auto", "encdec", "decoder", "prefix_lm"])
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model directory)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-examples-per-template", type=int, default=None)
     p.add_argument("--output", default=None, help="write the results JSON here")
+    p.add_argument("--shard", default=None, help="INDEX/COUNT: evaluate only that slice of the (dataset, template) pairs "
+                   "(one Slurm array element each); combine with `mtf eval-merge`")
+    p.add_argument("--count-shards", action="store_true", help="print the number of (dataset, template) pairs and exit")
+    p.add_argument("--json", action="store_true")
+
+    p = add("eval-merge", "Merge `mtf eval --shard` result files into one results JSON (same format as a single run).",
+            cmd_eval_merge)
+    p.add_argument("shards", nargs="+", help="shard result JSON files")
+    p.add_argument("--output", default=None, help="write the merged results JSON here")
     p.add_argument("--json", action="store_true")
 
     templates = sub.add_parser("templates", help="PromptSource template files").add_subparsers(dest="sub", required=True, metavar="SUBCOMMAND")

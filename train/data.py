@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from train.config import Config
-from train.errors import ConfigError
+from train.errors import ConfigError, DataError
 from train.models import ModelInfo
 
 
@@ -63,22 +63,31 @@ def held_out_of(eval_file: Any) -> tuple[list[str], list[str]]:
     return held, list(section.get("clusters") or [])
 
 
-def eval_examples(eval_file: Any, cfg: Config) -> list[dict]:
-    """Prompted examples of every task of the eval mixture (all rows; the hook caps per template)."""
-    out: list[dict] = []
-    for task in eval_file.tasks.values():
-        dataset = task.prompted(cache_dir=cfg.data.cache_dir)
-        cluster = task.metadata.cluster
-        for row in dataset:
-            row = dict(row)
-            row["cluster"] = cluster
-            row["language"] = task.metadata.language
-            out.append(row)
-    return out
+def load_eval_examples(mixture: str, *, data_root: Optional[str] = None, cache_dir: Optional[str] = None) -> tuple[list[dict], dict, dict]:
+    """(prompted examples, dataset -> cluster, dataset -> language) of every task of an eval mixture."""
+    from train.tasks import load_task_file
+
+    task_file = load_task_file(mixture, data_root=data_root)
+    examples: list[dict] = []
+    clusters: dict[str, str] = {}
+    languages: dict[str, str] = {}
+    for task in task_file.tasks.values():
+        dataset = task.metadata.dataset
+        if task.metadata.cluster:
+            clusters[dataset] = task.metadata.cluster
+        if task.metadata.language:
+            languages[dataset] = task.metadata.language
+        examples.extend(dict(row) for row in task.prompted(cache_dir=cache_dir))
+    if not examples:
+        raise DataError(f"{mixture}: the eval mixture produced no examples; check its tasks' data files and templates.")
+    return examples, clusters, languages
 
 
 def build_training_data(cfg: Config, tokenizer: Any, info: ModelInfo, accelerator: Any = None) -> tuple[Any, Any, Optional[list]]:
-    """The global mixture stream, a packer, and the eval examples (None without ``eval.mixture``).
+    """The global mixture stream, a packer, and the eval set (None without ``eval.mixture``).
+
+    The eval set is (prompted examples, dataset -> cluster, dataset -> language), see
+    :func:`load_eval_examples`.
 
     Every rank builds the same global stream; the main process renders and tokenizes first so the
     others read its ``datasets`` cache instead of racing to write it.
@@ -106,13 +115,14 @@ def build_training_data(cfg: Config, tokenizer: Any, info: ModelInfo, accelerato
         for name, task in tasks.items():
             prompted = task.prompted(cfg.data.max_examples_per_task, cache_dir=cfg.data.cache_dir)
             tokenized[name] = tokenize_prompted(prompted, tokenizer, info.kind, num_proc=cfg.data.num_proc)
-        examples = eval_examples(eval_file, cfg) if eval_file is not None else None
+        evaluation = (load_eval_examples(cfg.eval.mixture, data_root=cfg.data.data_root, cache_dir=cfg.data.cache_dir)
+                      if eval_file is not None else None)
     plan = plan_mixture(spec, count_examples(tokenized))
     stream = MixtureStream.from_plan(plan, tokenized, seed=cfg.trainer.seed)
     packer = Packer(info.kind, max_input_tokens=cfg.data.max_input_tokens, max_target_tokens=cfg.data.max_target_tokens,
                     max_tokens=cfg.data.max_tokens, pack=cfg.data.packing, window=cfg.data.pack_window,
                     overlong_policy=cfg.data.overlong)
-    return stream, packer, examples
+    return stream, packer, evaluation
 
 
 def packing_metrics(rows: list[dict], packer: Any, kind: str, cfg: Config) -> dict:

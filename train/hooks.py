@@ -191,23 +191,30 @@ class EvalHook:
     model so far is exported to ``<output_dir>/best``.
     """
 
-    def __init__(self, ctx: TrainContext, examples: Optional[list]):
-        self.examples = examples
+    def __init__(self, ctx: TrainContext, eval_set: Optional[tuple]):
         self.cfg = ctx.cfg.eval
         self.logger: Optional[LoggingHook] = None
+        self.evaluators: dict = {}  # per-template cap -> ZeroShotEvaluator (tokenizes once)
+        self.eval_set = eval_set
+
+    def _evaluator(self, ctx: TrainContext, cap: Optional[int]):
+        if cap not in self.evaluators:
+            from train.evaluation import ZeroShotEvaluator
+
+            examples, clusters, languages = self.eval_set
+            self.evaluators[cap] = ZeroShotEvaluator(ctx.tokenizer, examples, kind=ctx.kind, metrics=None, clusters=clusters,
+                                                     languages=languages, max_examples_per_template=cap,
+                                                     max_input_tokens=None)
+        return self.evaluators[cap]
 
     def run(self, ctx: TrainContext, final: bool) -> Optional[dict]:
-        if not self.examples:
+        if not self.eval_set:
             return None
         from train import evaluation
 
         cap = self.cfg.final_max_examples_per_template if final else self.cfg.max_examples_per_template
-        model = ctx.accelerator.unwrap_model(ctx.model)
-        was_training = model.training
-        results = evaluation.evaluate(model, ctx.tokenizer, self.examples, kind=ctx.kind, batch_size=self.cfg.batch_size,
-                                      max_examples_per_template=cap, accelerator=ctx.accelerator)
-        if was_training:
-            model.train()
+        results = self._evaluator(ctx, cap)(ctx.model, accelerator=ctx.accelerator, batch_size=self.cfg.batch_size)
+        ctx.model.train()
         results["step"] = ctx.step
         ctx.eval_results = results
         if ctx.accelerator.is_main_process:

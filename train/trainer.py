@@ -172,7 +172,7 @@ def train(cfg: Config) -> dict:
         accelerator.print(f"[mtf] {plan.describe()}; model kind {info.kind}; device {accelerator.device}")
 
     # ---- data: mixture stream -> packer (global, identical on every rank)
-    stream, packer, eval_examples = data_mod.build_training_data(cfg, tokenizer, info, accelerator)
+    stream, packer, eval_set = data_mod.build_training_data(cfg, tokenizer, info, accelerator)
 
     # ---- model and optimizer
     set_seed(cfg.trainer.seed)
@@ -207,7 +207,7 @@ def train(cfg: Config) -> dict:
 
     ctx.trainer_state = trainer_state
     preemption = PreemptionHook(ctx)
-    logging_hook, eval_hook = LoggingHook(ctx), EvalHook(ctx, eval_examples)
+    logging_hook, eval_hook = LoggingHook(ctx), EvalHook(ctx, eval_set)
     eval_hook.logger = logging_hook
     # Order matters at the end: eval before the final checkpoint (best_metric), logging closes last.
     hooks = [eval_hook, CheckpointHook(ctx), preemption, logging_hook]
