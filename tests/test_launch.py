@@ -300,44 +300,38 @@ def test_fake_two_node_job_trains_is_preempted_requeues_and_resumes(tmp_path, fa
 
 
 # ------------------------------------------------------------------------------------------ eval shards
+# `mtf eval --shard I/N` + `mtf eval-merge` (train/eval_runner.py), as eval.sbatch / merge_eval.sh use them.
+# No model here: tests/test_eval_runner.py runs a real tiny T5 through the same path.
 
 
-def _eval_shards():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("eval_shards", REPO / "scripts/eval_shards.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_each_eval_shard_is_one_template_of_the_mixture(tmp_path):
+def test_each_eval_shard_is_one_template_of_the_mixture():
+    from train.errors import ConfigError
+    from train.eval_runner import load_examples, mixture_pairs, parse_shard, select_pairs
     from train.tasks import load_task_file
 
-    es = _eval_shards()
     full = load_task_file(REPO / DEMO_EVAL)
     expected = [(t.metadata.dataset, tpl.name) for t in full.tasks.values() for tpl in t.select_templates()]
-    listed = es.shards(str(REPO / DEMO_EVAL))
-    assert [(s["dataset"], s["template"]) for s in listed] == expected and len(expected) == 12
-    assert [s["index"] for s in listed] == list(range(12))
+    pairs = mixture_pairs(str(REPO / DEMO_EVAL))
+    assert pairs == expected and len(expected) == 12  # mixture order: templates-file order
+    for i in range(12):  # N = number of pairs: element i scores exactly pair i (BLOOMZ)
+        assert select_pairs(pairs, *parse_shard(f"{i}/12")) == [expected[i]]
+    assert select_pairs(pairs, 1, 5) == [expected[1], expected[6], expected[11]]  # round robin otherwise
 
-    out = tmp_path / "elsewhere" / "shard.yaml"  # a different folder: paths in the shard must be absolute
-    es.write_shard(str(REPO / DEMO_EVAL), 1, out)
-    shard = load_task_file(out)
-    (task,) = shard.tasks.values()
-    assert [t.name for t in task.select_templates()] == [expected[1][1]]
-    assert shard.sections["eval"] == full.sections["eval"]
-    assert task.metadata == full.tasks[task.name].metadata
-    rows = task.prompted(cache_dir=str(tmp_path / "cache"))
-    assert len(rows) > 0 and set(rows["template"]) == {expected[1][1]}
-    # the same prompts as the full mixture's rows of that template
-    reference = full.tasks[task.name].prompted(cache_dir=str(tmp_path / "cache")).filter(
-        lambda r: r["template"] == expected[1][1])
-    assert rows["inputs"] == reference["inputs"] and rows["targets"] == reference["targets"]
+    # a shard's rows are exactly the whole mixture's rows of its template, in the same order
+    whole, clusters, languages = load_examples(str(REPO / DEMO_EVAL))
+    rows, shard_clusters, shard_languages = load_examples(str(REPO / DEMO_EVAL), [expected[1]])
+    reference = [r for r in whole if r["template"] == expected[1][1]]
+    assert len(rows) == 48 and rows == reference  # this template renders only the "effect" questions
+    assert (shard_clusters, shard_languages) == (clusters, languages) == ({"super_glue/copa": "sentence_completion"},
+                                                                          {"super_glue/copa": "en"})
 
-    with pytest.raises(Exception, match=r"has 12 \(task, template\) shards; index 12 is out of range "
-                                        r"\(submit the array as --array=0-11\)"):
-        es.write_shard(str(REPO / DEMO_EVAL), 12, tmp_path / "x.yaml")
+    with pytest.raises(ConfigError, match=r"INDEX must be in 0\.\.11; .* --array=0-11"):
+        parse_shard("12/12")
+    with pytest.raises(ConfigError, match=r"write it as INDEX/COUNT"):
+        parse_shard("3")
+    with pytest.raises(ConfigError, match=r"has only 12 \(dataset, template\) pairs, so COUNT must be at most 12.*"
+                                          r"--array=0-11"):
+        select_pairs(pairs, 0, 13, DEMO_EVAL)
 
 
 def _row(score: float, n: int = 10) -> dict:
@@ -345,65 +339,122 @@ def _row(score: float, n: int = 10) -> dict:
             "accuracy_length_normalized": score / 2, "chance": 0.5, "score": score}
 
 
-def test_merging_shards_equals_aggregating_everything_at_once():
-    from train.errors import ConfigError
+def _write_shards(folder: Path, rows: dict, count: int, clusters: dict, languages: dict,
+                  skip: tuple[int, ...] = ()) -> list[Path]:
+    """Shard result files as `mtf eval --shard i/count --output` writes them, for synthetic template rows."""
+    from train.eval_runner import select_pairs
     from train.evaluation import aggregate
 
-    es = _eval_shards()
+    pairs = [(d, t) for d in rows for t in rows[d]]
+    paths = []
+    for index in range(count):
+        if index in skip:
+            continue
+        mine = select_pairs(pairs, index, count)
+        per_template: dict = {}
+        for d, t in mine:
+            per_template.setdefault(d, {})[t] = rows[d][t]
+        doc = aggregate(per_template, {d: clusters[d] for d in per_template}, {d: languages[d] for d in per_template})
+        doc["meta"] = {"kind": "encdec", "num_examples": 10 * len(mine), "num_processes": 1 + index % 2,
+                       "shard": {"index": index, "count": count, "pairs": [list(p) for p in mine]}}
+        path = folder / f"shard-{index:05d}.json"
+        path.write_text(json.dumps(doc))
+        paths.append(path)
+    return paths
+
+
+def test_merging_shards_equals_aggregating_everything_at_once(tmp_path):
+    from train.errors import DataError
+    from train.eval_runner import merge_results
+    from train.evaluation import aggregate
+
     rows = {"a/x": {"t1": _row(0.6), "t2": _row(0.7), "t3": _row(0.9)}, "b": {"u1": _row(0.3), "u2": _row(0.5)}}
     clusters, languages = {"a/x": "nli", "b": "coref"}, {"a/x": "en", "b": "fr"}
     whole = aggregate(rows, clusters, languages)
-    shard_results = [
-        {**aggregate({d: {t: r}}, {d: clusters[d]}, {d: languages[d]}), "meta": {"kind": "encdec", "num_examples": 10}}
-        for d in reversed(list(rows)) for t, r in rows[d].items()  # any order of completion
-    ]
-    merged = es.merge(None, shard_results)
-    for key in ("templates", "datasets", "clusters", "languages"):
-        assert merged[key] == whole[key], key
-    assert merged["datasets"]["a/x"]["median"] == 0.7 and merged["clusters"]["coref"]["mean"] == 0.4
-    assert merged["meta"] == {"shards": 5, "kind": "encdec", "num_examples": 50}
-    with pytest.raises(ConfigError, match=r"contain \(b, u1\) twice"):
-        es.merge(None, shard_results + shard_results[:1])
+    for count in (5, 2):  # one pair per shard, and several
+        folder = tmp_path / str(count)
+        folder.mkdir()
+        paths = _write_shards(folder, rows, count, clusters, languages)
+        merged = merge_results(list(reversed(paths)))  # any order of completion
+        for key in ("templates", "datasets", "clusters", "languages"):
+            assert merged[key] == whole[key], key
+        assert merged["datasets"]["a/x"]["median"] == 0.7 and merged["clusters"]["coref"]["mean"] == 0.4
+        assert merged["datasets"]["b"]["language"] == "fr" and merged["languages"]["fr"]["datasets"] == ["b"]
+        # what all shards agree on is kept, example counts add up, num_processes differed so it is dropped
+        assert merged["meta"] == {"kind": "encdec", "num_examples": 50, "shard": None,
+                                  "merged_from": [str(p) for p in reversed(paths)]}
+
+    paths = _write_shards(tmp_path / "5", rows, 5, clusters, languages)
+    copy = tmp_path / "copy.json"
+    copy.write_text(paths[3].read_text())
+    with pytest.raises(DataError, match=r"shard-00003.json and .*shard-00003.json are both shard 3/5"):
+        merge_results([*paths, copy])
+    doc = json.loads(paths[3].read_text())
+    doc["meta"]["shard"] = None  # an unsharded result holding a pair a shard also has
+    copy.write_text(json.dumps(doc))
+    with pytest.raises(DataError, match=r"b/u1 appears in two shard results, .*shard-00003.json and .*copy.json"):
+        merge_results([*paths, copy])
+    with pytest.raises(DataError, match=r"job arrays of different sizes: 2 \(.*\), 5 \(.*\)"):
+        merge_results([*paths[:2], *_write_shards(tmp_path / "2", rows, 2, clusters, languages)[1:]])
 
 
-def _demo_shard_results(skip: int | None = None) -> list[dict]:
-    from train.evaluation import aggregate
+def _demo_rows() -> dict:
+    from train.eval_runner import mixture_pairs
 
-    es = _eval_shards()
-    out = []
-    for s in es.shards(str(REPO / DEMO_EVAL)):
-        if s["index"] != skip:
-            out.append(aggregate({s["dataset"]: {s["template"]: _row(0.5 + s["index"] / 100)}},
-                                 {s["dataset"]: "sentence_completion"}, {s["dataset"]: "en"}))
-    return out
+    pairs = mixture_pairs(str(REPO / DEMO_EVAL))
+    return {"super_glue/copa": {t: _row(0.5 + i / 100) for i, (_, t) in enumerate(pairs)}}
 
 
-def test_merge_names_a_missing_shard():
-    from train.errors import ConfigError
+DEMO_CLUSTERS = ({"super_glue/copa": "sentence_completion"}, {"super_glue/copa": "en"})
 
-    es = _eval_shards()
-    with pytest.raises(ConfigError, match=r"missing \[\('super_glue/copa', 'i_am_hesitating'\)\].*rerun the failed"):
-        es.merge(str(REPO / DEMO_EVAL), _demo_shard_results(skip=2))
+
+def test_merge_names_a_missing_shard(tmp_path):
+    from train.errors import DataError
+    from train.eval_runner import merge_results
+
+    paths = _write_shards(tmp_path, _demo_rows(), 12, *DEMO_CLUSTERS, skip=(2,))
+    with pytest.raises(DataError, match=r"missing 1 of 12 \(dataset, template\) pairs of .*demo_eval.yaml: "
+                                        r"super_glue/copa/i_am_hesitating\. Rerun array indices 2 \(sbatch --array=2 "):
+        merge_results(paths, mixture=str(REPO / DEMO_EVAL))
+    with pytest.raises(DataError, match=r"missing 1 of 12 shards: indices 2 have no result file.*--array=2 .*--mixture"):
+        merge_results(paths)  # from the shards' meta counts alone
+
+    three = tmp_path / "three"
+    three.mkdir()
+    paths = _write_shards(three, _demo_rows(), 3, *DEMO_CLUSTERS, skip=(1,))
+    with pytest.raises(DataError, match=r"missing 4 of 12 .*: super_glue/copa/…What could happen next, C1 or C2\?, "
+                                        r".*Rerun array indices 1 .*--shard I/3"):
+        merge_results(paths, mixture=str(REPO / DEMO_EVAL))
 
 
 def test_eval_array_element_runs_mtf_eval_on_its_shard_and_merge_script_aggregates(tmp_path):
+    from train.eval_runner import merge_results
+
     model, out = tmp_path / "model", tmp_path / "eval"
     model.mkdir()
     env = _env(SLURM_ARRAY_TASK_ID="3", SLURM_JOB_ID="77", DRY_RUN="1")
-    proc = subprocess.run(["bash", str(EVAL_SBATCH), str(model), DEMO_EVAL, str(out), "--batch-size", "4"], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=120)
+    args = ["bash", str(EVAL_SBATCH), str(model), DEMO_EVAL, str(out)]
+    proc = subprocess.run(args + ["--batch-size", "4"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    shard_yaml = out / "shards" / "shard-00003.yaml"
-    assert shard_yaml.exists()
-    assert (f"[mtf] python -m train.cli eval {model} --mixture {shard_yaml} --json --output "
+    # N counted by `mtf eval --count-shards`: 12 pairs, so element 3 scores pair 3 alone
+    assert (f"[mtf] python -m train.cli eval {model} --mixture {DEMO_EVAL} --shard 3/12 --json --output "
             f"{out}/shards/shard-00003.json --batch-size 4") in proc.stdout
-    bad = subprocess.run(["bash", str(EVAL_SBATCH), str(model), DEMO_EVAL, str(out)], cwd=REPO,
-                         env=dict(env, SLURM_ARRAY_TASK_ID="12"), capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "--array=0-11" in bad.stderr
+    proc = subprocess.run(args, cwd=REPO, env=dict(env, N="4"), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "--shard 3/4 --json" in proc.stdout, proc.stderr
+    bad = subprocess.run(args, cwd=REPO, env=dict(env, SLURM_ARRAY_TASK_ID="12"), capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2 and "there are N=12 shards: submit the array as --array=0-11" in bad.stderr
+    bad = subprocess.run(args, cwd=REPO, env=dict(env, N="x"), capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "must be a positive number, got 'x'" in bad.stderr
+    # an element whose result exists is skipped, unless FORCE=1
+    (out / "shards").mkdir(parents=True)
+    (out / "shards" / "shard-00003.json").write_text("{}")
+    proc = subprocess.run(args, cwd=REPO, env=dict(env, N="12"), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "exists; skipping" in proc.stdout and "train.cli eval" not in proc.stdout
+    proc = subprocess.run(args, cwd=REPO, env=dict(env, N="12", FORCE="1"), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "--shard 3/12" in proc.stdout
 
-    es = _eval_shards()
-    for i, result in enumerate(_demo_shard_results()):
-        (out / "shards" / f"shard-{i:05d}.json").write_text(json.dumps(result))
+    paths = _write_shards(out / "shards", _demo_rows(), 12, *DEMO_CLUSTERS)
     proc = subprocess.run(["bash", str(MERGE_EVAL), DEMO_EVAL, str(out)], cwd=REPO, env=_env(), capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -411,4 +462,9 @@ def test_eval_array_element_runs_mtf_eval_on_its_shard_and_merge_script_aggregat
     assert merged["datasets"]["super_glue/copa"]["num_templates"] == 12
     assert merged["datasets"]["super_glue/copa"]["median"] == pytest.approx(0.555)
     assert "median over 12 templates" in proc.stdout
-    assert merged["templates"] == es.merge(str(REPO / DEMO_EVAL), _demo_shard_results())["templates"]
+    assert merged["templates"] == merge_results(paths)["templates"] == _demo_rows()
+
+    paths[5].unlink()
+    proc = subprocess.run(["bash", str(MERGE_EVAL), DEMO_EVAL, str(out)], cwd=REPO, env=_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "Rerun array indices 5" in proc.stderr and "Traceback" not in proc.stderr

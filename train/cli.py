@@ -113,7 +113,7 @@ def cmd_eval_merge(args: argparse.Namespace) -> int:
     from train.eval_runner import merge_results
     from train.evaluation import format_results_table, write_results
 
-    results = merge_results(args.shards)
+    results = merge_results(args.shards, mixture=args.mixture)
     if args.output:
         write_results(args.output, results)
     if args.json:
@@ -213,14 +213,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-examples-per-template", type=int, default=None)
     p.add_argument("--output", default=None, help="write the results JSON here")
-    p.add_argument("--shard", default=None, help="INDEX/COUNT: evaluate only that slice of the (dataset, template) pairs "
-                   "(one Slurm array element each); combine with `mtf eval-merge`")
-    p.add_argument("--count-shards", action="store_true", help="print the number of (dataset, template) pairs and exit")
+    p.add_argument("--shard", default=None, help="INDEX/COUNT: evaluate only the (dataset, template) pairs i (in mixture "
+                   "order) with i %% COUNT == INDEX; with COUNT = --count-shards each Slurm array element scores one "
+                   "pair (--shard $SLURM_ARRAY_TASK_ID/N). Combine the results with `mtf eval-merge`")
+    p.add_argument("--count-shards", action="store_true", help="print the number of (dataset, template) pairs of "
+                   "--mixture (the job array size, --array=0-(N-1)) and exit; MODEL is not needed")
     p.add_argument("--json", action="store_true")
 
-    p = add("eval-merge", "Merge `mtf eval --shard` result files into one results JSON (same format as a single run).",
+    p = add("eval-merge", "Merge `mtf eval --shard` result files into one results JSON (same format as a single run): "
+            "re-aggregates the template rows, fails on a (dataset, template) present twice, and checks that every "
+            "pair of --mixture (or every shard index of the array) is there, naming the array indices to rerun.",
             cmd_eval_merge)
-    p.add_argument("shards", nargs="+", help="shard result JSON files")
+    p.add_argument("shards", nargs="+", help="shard result JSON files, e.g. runs/x/eval/shards/shard-*.json")
+    p.add_argument("--mixture", default=None, help="the eval mixture the shards came from: check that each of its "
+                   "(dataset, template) pairs is present (without it: every shard index 0..COUNT-1)")
     p.add_argument("--output", default=None, help="write the merged results JSON here")
     p.add_argument("--json", action="store_true")
 

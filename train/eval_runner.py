@@ -1,4 +1,5 @@
-"""``mtf eval``: zero-shot evaluation of any checkpoint, standalone or under ``accelerate launch``.
+"""``mtf eval``: zero-shot evaluation of any checkpoint, standalone, under ``accelerate launch``, or as a
+Slurm job array.
 
 What it evaluates (``MODEL``):
 
@@ -8,9 +9,18 @@ What it evaluates (``MODEL``):
   ``config.yaml`` and loaded from the checkpoint's weights (DDP/single-process checkpoints; for a
   DeepSpeed checkpoint use the run's ``final/`` export).
 
-Sharding for Slurm job arrays (BLOOMZ evaluated one (dataset, template) per job): ``--shard I/N`` keeps
-the I-th of N slices of the sorted (dataset, template) pairs; :func:`merge_results` combines the shard
-JSON files into the same document a single run writes.
+Sharding (BLOOMZ evaluated one (dataset, template) per job, many short jobs that fill gaps in the queue):
+the (dataset, template) pairs of an eval mixture are listed in mixture order (tasks in file order, each
+task's selected templates in templates-file order, a pair shared by two tasks once). ``--shard I/N`` keeps
+pair ``i`` when ``i % N == I``, so with ``N = mtf eval --count-shards`` each array element scores exactly
+one pair::
+
+    pairs  p0 p1 p2 p3 p4 p5 p6      --shard 1/3 -> p1 p4      --shard 4/7 -> p4
+
+A shard renders only the tasks that hold its pairs and keeps their rows in the whole run's order, so
+``max_examples_per_template`` picks the same examples as an unsharded run. The result records
+``meta.shard = {"index", "count", "pairs"}``; :func:`merge_results` (``mtf eval-merge``) re-aggregates the
+shards' template rows into the document one unsharded run writes, and checks that every pair is there.
 """
 
 from __future__ import annotations
@@ -19,27 +29,128 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-from train.data import load_eval_examples
 from train.errors import ConfigError, DataError
 
+Pair = tuple[str, str]  # (dataset, template)
 
-def select_shard(examples: list[dict], shard: str) -> list[dict]:
-    """Keep the examples of the I-th of N slices (``shard`` = "I/N", 0-based) of the sorted (dataset, template) pairs."""
-    try:
-        index, count = (int(x) for x in shard.split("/"))
-    except ValueError:
-        raise ConfigError(f"--shard {shard!r}: write it as INDEX/COUNT with 0 <= INDEX < COUNT, e.g. 3/24.") from None
-    if not 0 <= index < count:
-        raise ConfigError(f"--shard {shard!r}: INDEX must be in [0, {count}).")
-    pairs = sorted({(e["dataset"], e["template"]) for e in examples})
-    mine = {pair for i, pair in enumerate(pairs) if i % count == index}
-    return [e for e in examples if (e["dataset"], e["template"]) in mine]
+
+# ------------------------------------------------------------------------------------------ sharding
+
+
+def mixture_pairs(mixture: str) -> list[Pair]:
+    """The (dataset, template) pairs of an eval mixture in mixture order (no data is read or rendered).
+
+    Raises:
+        ConfigError / TemplateError: the mixture or one of its template files does not load.
+    """
+    from train.tasks import load_task_file
+
+    pairs: dict[Pair, None] = {}  # an ordered set: ANLI's three rounds share ("anli", template) pairs
+    for task in load_task_file(mixture).tasks.values():
+        for template in task.select_templates():
+            pairs.setdefault((task.metadata.dataset, template.name), None)
+    if not pairs:
+        raise ConfigError(f"{mixture}: the eval mixture defines no tasks; add a `tasks:` list.")
+    return list(pairs)
 
 
 def count_shards(mixture: str) -> int:
-    """Number of (dataset, template) pairs of an eval mixture: the size of the Slurm job array."""
-    examples, _, _ = load_eval_examples(mixture)
-    return len({(e["dataset"], e["template"]) for e in examples})
+    """Number of (dataset, template) pairs of an eval mixture: the size of the one-pair-per-job array."""
+    return len(mixture_pairs(mixture))
+
+
+def parse_shard(shard: str) -> tuple[int, int]:
+    """``"I/N"`` -> ``(I, N)``.
+
+    Raises:
+        ConfigError: not two integers with 0 <= I < N (the message gives the matching ``--array``).
+    """
+    try:
+        index, count = (int(x) for x in shard.split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard {shard!r}: write it as INDEX/COUNT with 0 <= INDEX < COUNT, e.g. 3/12 "
+                          "(under Slurm: --shard $SLURM_ARRAY_TASK_ID/N).") from None
+    if count < 1:
+        raise ConfigError(f"--shard {shard!r}: COUNT must be at least 1.")
+    if not 0 <= index < count:
+        raise ConfigError(f"--shard {shard!r}: INDEX must be in 0..{count - 1}; a job array of {count} shards "
+                          f"is submitted as sbatch --array=0-{count - 1}.")
+    return index, count
+
+
+def select_pairs(pairs: list[Pair], index: int, count: int, mixture: str = "the eval mixture") -> list[Pair]:
+    """The pairs of shard ``index`` of ``count``: pair ``i`` when ``i % count == index``.
+
+    Raises:
+        ConfigError: ``count`` exceeds the number of pairs. Such an array would have elements with
+            nothing to evaluate, and a merge could not tell an empty shard from a lost one, so every
+            element fails at once with the array to submit instead.
+    """
+    if count > len(pairs):
+        raise ConfigError(
+            f"--shard {index}/{count}: {mixture} has only {len(pairs)} (dataset, template) pairs, so COUNT must be "
+            f"at most {len(pairs)}. For one pair per job use --shard $SLURM_ARRAY_TASK_ID/{len(pairs)} with "
+            f"sbatch --array=0-{len(pairs) - 1} (mtf eval --count-shards --mixture {mixture} prints {len(pairs)}).")
+    return [pair for i, pair in enumerate(pairs) if i % count == index]
+
+
+def load_examples(mixture: str, pairs: Optional[list[Pair]] = None) -> tuple[list[dict], dict, dict]:
+    """(prompted examples, dataset -> cluster, dataset -> language) of an eval mixture or of some of its pairs.
+
+    With ``pairs``, only the tasks holding one of them are rendered and only those pairs' rows are kept,
+    in the order the whole mixture yields them (so a per-template cap keeps the same rows).
+
+    Raises:
+        ConfigError / DataError: the mixture does not load or yields no example.
+    """
+    from train.data import load_eval_examples
+    from train.tasks import load_task_file
+
+    if pairs is None:
+        return load_eval_examples(mixture)
+    wanted = set(pairs)
+    examples: list[dict] = []
+    clusters: dict[str, str] = {}
+    languages: dict[str, str] = {}
+    for task in load_task_file(mixture).tasks.values():
+        dataset = task.metadata.dataset
+        if not any((dataset, t.name) in wanted for t in task.select_templates()):
+            continue
+        if task.metadata.cluster:
+            clusters[dataset] = task.metadata.cluster
+        if task.metadata.language:
+            languages[dataset] = task.metadata.language
+        examples.extend(dict(row) for row in task.prompted() if (row["dataset"], row["template"]) in wanted)
+    if not examples:
+        shown = ", ".join(f"{d}/{t}" for d, t in pairs)
+        raise DataError(f"{mixture}: the shard's pairs ({shown}) produced no examples; check those tasks' data "
+                        "files and templates (mtf tasks preview).")
+    return examples, clusters, languages
+
+
+# ------------------------------------------------------------------------------------------ models
+
+
+_LOOKED_FOR = ("config.json (a Hugging Face model directory), final/config.json (a run directory's export), "
+               "or trainer_state.json + accelerate/model*.safetensors (a run checkpoint)")
+
+
+def resolve_model_path(model: str) -> Path:
+    """Where the model of ``model`` is: the directory itself, a run directory's ``final/``, or a checkpoint.
+
+    A path that does not exist is returned unchanged (it may be a hub model id).
+
+    Raises:
+        ConfigError: an existing path that holds no model (the message lists what it looked for).
+    """
+    path = Path(model)
+    if path.is_dir() and not (path / "config.json").exists() and (path / "final" / "config.json").exists():
+        return path / "final"  # a run directory: its export
+    if path.exists() and not (path.is_dir() and ((path / "config.json").exists()
+                                                  or (path / "trainer_state.json").exists())):
+        raise ConfigError(f"{model}: no model found; looked for {_LOOKED_FOR}. Pass e.g. runs/demo/final or "
+                          "runs/demo/checkpoints/step-00000040.")
+    return path
 
 
 def load_model_for_eval(model: str, kind: str = "auto", tokenizer: Optional[str] = None) -> tuple[Any, Any, str]:
@@ -50,19 +161,15 @@ def load_model_for_eval(model: str, kind: str = "auto", tokenizer: Optional[str]
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-    path = Path(model)
-    if path.is_dir() and not (path / "config.json").exists() and (path / "final" / "config.json").exists():
-        path = path / "final"  # a run directory: its export
-    if path.is_dir() and (path / "trainer_state.json").exists():
+    path = resolve_model_path(model)
+    if (path / "trainer_state.json").exists():
         return _load_from_checkpoint(path, kind, tokenizer)
-    if path.exists() and not (path / "config.json").exists():
-        raise ConfigError(
-            f"{model}: no model found (looked for config.json, a run's final/ export, or a checkpoint's "
-            "trainer_state.json). Pass a Hugging Face model directory, e.g. runs/demo/final.")
     try:
         config = AutoConfig.from_pretrained(str(path))
     except (OSError, ValueError) as err:
-        raise ConfigError(f"{model}: cannot load a model config ({str(err).splitlines()[0]}).") from None
+        where = "" if path.exists() else " (no such directory; as a hub model id it did not load either)"
+        raise ConfigError(f"{model}: cannot load a model config{where}: {str(err).splitlines()[0]} "
+                          f"Looked for {_LOOKED_FOR}.") from None
     is_encdec = bool(getattr(config, "is_encoder_decoder", False))
     resolved = ("encdec" if is_encdec else "decoder") if kind == "auto" else kind
     auto = AutoModelForSeq2SeqLM if is_encdec else AutoModelForCausalLM
@@ -105,25 +212,44 @@ def _load_from_checkpoint(path: Path, kind: str, tokenizer: Optional[str]) -> tu
     return model, load_tokenizer(cfg.model), resolved
 
 
+# ------------------------------------------------------------------------------------------ running
+
+
 def run_eval_command(*, model_dir: str, mixture: str, kind: str = "auto", tokenizer: Optional[str] = None,
                      batch_size: int = 16, max_examples_per_template: Optional[int] = None,
                      output: Optional[str] = None, shard: Optional[str] = None) -> Optional[dict]:
-    """Evaluate ``model_dir`` on ``mixture``; return the results on the main process (None elsewhere)."""
+    """Evaluate ``model_dir`` on ``mixture`` (or on shard ``"I/N"`` of its pairs).
+
+    Returns:
+        The results (see :func:`train.evaluation.aggregate`) with ``meta.model``, ``meta.mixture`` and
+        ``meta.shard`` (``{"index", "count", "pairs": [[dataset, template], ...]}``, None unsharded) on the
+        main process; None on the others. Written to ``output`` when given.
+
+    Raises:
+        ConfigError: a bad ``--shard``, a path without a model, a mixture that does not load.
+        DataError: the mixture (or the shard) yields no example.
+    """
     import torch
     from accelerate import Accelerator
 
     from train.evaluation import evaluate, write_results
 
+    # Check the shard and the model path before rendering anything: a wrong array fails in seconds.
+    shard_meta = None
+    pairs = None
+    if shard:
+        index, count = parse_shard(shard)
+        pairs = select_pairs(mixture_pairs(mixture), index, count, mixture)
+        shard_meta = {"index": index, "count": count, "pairs": [list(p) for p in pairs]}
+    resolve_model_path(model_dir)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     with accelerator.main_process_first():
-        examples, clusters, languages = load_eval_examples(mixture)
-    if shard:
-        examples = select_shard(examples, shard)
+        examples, clusters, languages = load_examples(mixture, pairs)
     model, tok, resolved = load_model_for_eval(model_dir, kind, tokenizer)
     model.to(accelerator.device)
     results = evaluate(model, tok, examples, kind=resolved, batch_size=batch_size, accelerator=accelerator,
                        max_examples_per_template=max_examples_per_template, clusters=clusters, languages=languages)
-    results.setdefault("meta", {}).update({"model": str(model_dir), "mixture": str(mixture), "shard": shard})
+    results.setdefault("meta", {}).update({"model": str(model_dir), "mixture": str(mixture), "shard": shard_meta})
     if not accelerator.is_main_process:
         return None
     if output:
@@ -131,30 +257,135 @@ def run_eval_command(*, model_dir: str, mixture: str, kind: str = "auto", tokeni
     return results
 
 
-def merge_results(paths: list[str]) -> dict:
-    """Combine shard result files (``--shard``) into the document a single ``mtf eval`` writes."""
+# ------------------------------------------------------------------------------------------ merging
+
+
+def _read_result(path: str) -> dict:
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"shard result {path} does not exist; did every `mtf eval --shard` job finish?") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"shard result {path} is not valid JSON ({err}); rerun that shard.") from None
+    templates = doc.get("templates") if isinstance(doc, dict) else None
+    if not isinstance(templates, dict) or not all(
+            isinstance(rows, dict) and all(isinstance(r, dict) for r in rows.values()) for rows in templates.values()):
+        raise DataError(f"{path} is not an `mtf eval` result (it needs a `templates` mapping "
+                        "{dataset: {template: row}}); pass the files written by `mtf eval --output`.")
+    shard = (doc.get("meta") or {}).get("shard")
+    if shard is not None and not (isinstance(shard, dict) and isinstance(shard.get("index"), int)
+                                  and isinstance(shard.get("count"), int) and isinstance(shard.get("pairs"), list)):
+        raise DataError(f"{path}: meta.shard must be {{index, count, pairs}} as `mtf eval --shard` writes it; "
+                        f"got {shard!r}.")
+    return doc
+
+
+def _merged_meta(paths: list[str], docs: list[dict]) -> dict:
+    """Meta values all shards agree on, summed example counts, and where the merge came from."""
+    metas = [doc.get("meta") or {} for doc in docs]
+    meta = {k: v for k, v in metas[0].items()
+            if k not in ("shard", "num_examples") and all(k in m and m[k] == v for m in metas)}
+    if all(isinstance(m.get("num_examples"), int) for m in metas):
+        meta["num_examples"] = sum(m["num_examples"] for m in metas)
+    meta["shard"] = None  # the merged document stands for the whole mixture
+    meta["merged_from"] = list(paths)
+    return meta
+
+
+def merge_results(paths: list[str], mixture: Optional[str] = None) -> dict:
+    """Combine shard result files (``mtf eval --shard``) into the document one unsharded ``mtf eval`` writes.
+
+    Template rows are re-aggregated with :func:`train.evaluation.aggregate` (per-dataset medians, cluster
+    and language means), keeping each dataset's cluster and language.
+
+    Args:
+        paths: result JSON files, in any order.
+        mixture: the eval mixture; when given, every (dataset, template) pair of it must be present and no
+            other. Without it, completeness is checked from the shards' ``meta.shard`` (every index
+            ``0..count-1`` present).
+
+    Returns:
+        ``{"templates", "datasets", "clusters", "languages", "meta"}``; ``meta.merged_from`` lists ``paths``.
+
+    Raises:
+        ConfigError: a file does not exist, or no file is given.
+        DataError: a file is not a result; a pair or a shard index appears twice; shards of arrays of
+            different sizes; a pair (or shard) is missing (the message names the pairs and the array
+            indices to rerun) or does not belong to ``mixture``.
+    """
     from train.evaluation import aggregate
 
-    per_template: dict = {}
-    clusters: dict = {}
-    languages: dict = {}
-    meta: dict = {"shards": []}
-    for p in paths:
-        try:
-            data = json.loads(Path(p).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"shard result {p} does not exist; did every `mtf eval --shard` job finish?") from None
-        except json.JSONDecodeError as err:
-            raise DataError(f"shard result {p} is not valid JSON ({err}); rerun that shard.") from None
-        for dataset, rows in data.get("templates", {}).items():
-            for template, row in rows.items():
-                if template in per_template.get(dataset, {}):
-                    raise DataError(f"{p}: {dataset}/{template} appears in two shards; merge each shard once.")
-                per_template.setdefault(dataset, {})[template] = row
-        for dataset, summary in data.get("datasets", {}).items():
-            clusters[dataset] = summary.get("cluster")
-            languages[dataset] = summary.get("language")
-        meta["shards"].append(str(p))
-    merged = aggregate(per_template, {k: v for k, v in clusters.items() if v}, {k: v for k, v in languages.items() if v})
-    merged["meta"] = meta
+    if not paths:
+        raise ConfigError("eval-merge: no shard result files given; pass OUT/shards/shard-*.json.")
+    paths = [str(p) for p in paths]
+    docs = [_read_result(p) for p in paths]
+    per_template: dict[str, dict[str, dict]] = {}
+    owner: dict[Pair, str] = {}  # pair -> the file that has it
+    shard_file: dict[int, str] = {}  # shard index -> file
+    count_file: dict[int, str] = {}  # array size -> first file of that size
+    cluster_of: dict[str, str] = {}
+    language_of: dict[str, str] = {}
+    for path, doc in zip(paths, docs):
+        shard = (doc.get("meta") or {}).get("shard")
+        if shard is not None:
+            if shard["index"] in shard_file:
+                raise DataError(f"{path} and {shard_file[shard['index']]} are both shard {shard['index']}/{shard['count']}; "
+                                "merge each shard once (delete the stale file).")
+            shard_file[shard["index"]] = path
+            count_file.setdefault(shard["count"], path)
+        rows_pairs = [(d, t) for d, rows in doc["templates"].items() for t in rows]
+        # A pair the shard was given but that produced no row (a template that rendered nothing) is still covered.
+        meta_pairs = [tuple(p) for p in (shard or {}).get("pairs", []) if tuple(p) not in set(rows_pairs)]
+        for pair in rows_pairs + meta_pairs:
+            if pair in owner:
+                raise DataError(f"{pair[0]}/{pair[1]} appears in two shard results, {owner[pair]} and {path}; "
+                                "merge each shard once (delete the stale file).")
+            owner[pair] = path
+        for dataset, rows in doc["templates"].items():
+            per_template.setdefault(dataset, {}).update(rows)
+        for dataset, summary in (doc.get("datasets") or {}).items():
+            if isinstance(summary, dict) and summary.get("cluster"):
+                cluster_of[dataset] = summary["cluster"]
+            if isinstance(summary, dict) and summary.get("language"):
+                language_of[dataset] = summary["language"]
+    if len(count_file) > 1:
+        sizes = ", ".join(f"{c} ({f})" for c, f in sorted(count_file.items()))
+        raise DataError(f"the shard results come from job arrays of different sizes: {sizes}; merge the results of "
+                        "one array (rerun stale shards with the same N).")
+    count = next(iter(count_file), None)
+
+    if mixture is not None:
+        expected = mixture_pairs(mixture)
+        known = set(expected)
+        extra = [p for p in owner if p not in known]
+        if extra:
+            d, t = extra[0]
+            raise DataError(f"{owner[extra[0]]}: {d}/{t} is not a (dataset, template) pair of {mixture} "
+                            f"({len(extra)} such pair(s)); was it evaluated on another mixture?")
+        missing = [(i, p) for i, p in enumerate(expected) if p not in owner]
+        if missing:
+            names = ", ".join(f"{d}/{t}" for _, (d, t) in missing)
+            if count is not None:
+                rerun = sorted({i % count for i, _ in missing})
+                how = (f"Rerun array indices {','.join(map(str, rerun))} (sbatch --array={','.join(map(str, rerun))} "
+                       f"scripts/slurm/eval.sbatch ..., i.e. mtf eval --shard I/{count}), then merge again.")
+            else:
+                how = "Evaluate them (mtf eval --mixture ...), then merge again."
+            raise DataError(f"missing {len(missing)} of {len(expected)} (dataset, template) pairs of {mixture}: "
+                            f"{names}. {how}")
+        # mixture order: a stable document whatever order the shards finished in
+        ordered: dict[str, dict[str, dict]] = {}
+        for d, t in expected:
+            if t in per_template.get(d, {}):
+                ordered.setdefault(d, {})[t] = per_template[d][t]
+        per_template = ordered
+    elif count is not None:
+        absent = sorted(set(range(count)) - set(shard_file))
+        if absent:
+            listed = ",".join(map(str, absent))
+            raise DataError(f"missing {len(absent)} of {count} shards: indices {listed} have no result file. Rerun "
+                            f"them (sbatch --array={listed} scripts/slurm/eval.sbatch ...), then merge again; pass "
+                            "--mixture to also name their (dataset, template) pairs.")
+    merged = aggregate(per_template, cluster_of, language_of)
+    merged["meta"] = _merged_meta(paths, docs)
     return merged

@@ -82,6 +82,10 @@ def make_accelerator(cfg: Config, plan: BatchPlan) -> Any:
     from accelerate.utils import InitProcessGroupKwargs
 
     on_cpu = cfg.trainer.cpu or not torch.cuda.is_available()
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and not cfg.trainer.deepspeed:
+        raise ConfigError("launched with DeepSpeed (accelerate --use_deepspeed or a DeepSpeed accelerate config) but "
+                          "`trainer.deepspeed` is not set: name the same JSON, e.g. "
+                          "`trainer.deepspeed=configs/deepspeed/zero2.json`, so its \"auto\" values come from the run config.")
     mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.trainer.precision]
     kwargs: dict = {"gradient_accumulation_steps": plan.grad_accum, "mixed_precision": mixed}
     handlers = []
