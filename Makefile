@@ -41,9 +41,7 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
 bench: install
-	$(PY) scripts/bench_packing.py --markdown BENCHMARKS.md
-	$(PY) scripts/bench_mixture.py --markdown BENCHMARKS.md
-	$(PY) scripts/bench_eval.py --markdown BENCHMARKS.md
+	$(PY) scripts/write_benchmarks.py --out BENCHMARKS.md
 
 clean:
 	rm -rf runs .pytest_cache .cache
