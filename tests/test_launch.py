@@ -387,7 +387,7 @@ def test_merging_shards_equals_aggregating_everything_at_once(tmp_path):
     paths = _write_shards(tmp_path / "5", rows, 5, clusters, languages)
     copy = tmp_path / "copy.json"
     copy.write_text(paths[3].read_text())
-    with pytest.raises(DataError, match=r"shard-00003.json and .*shard-00003.json are both shard 3/5"):
+    with pytest.raises(DataError, match=r"copy.json and .*shard-00003.json are both shard 3/5"):
         merge_results([*paths, copy])
     doc = json.loads(paths[3].read_text())
     doc["meta"]["shard"] = None  # an unsharded result holding a pair a shard also has

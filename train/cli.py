@@ -2,7 +2,8 @@
 
     mtf train CONFIG [key=value ...]        train (under `accelerate launch` for several processes)
     mtf validate CONFIG [key=value ...]     check a config, its mixtures, templates, model config and tokenizer
-    mtf eval MODEL_DIR --mixture FILE       zero-shot evaluation of any checkpoint
+    mtf eval MODEL --mixture FILE           zero-shot evaluation of any checkpoint ([--shard I/N] for job arrays)
+    mtf eval-merge SHARD.json...            merge `mtf eval --shard` results into one
     mtf templates lint PATH...              load (and with --data, render) PromptSource template files
     mtf tasks preview TASK_OR_MIXTURE       print rendered examples
     mtf mixture show MIXTURE                per-task rates, shares, expected epochs
@@ -203,8 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*")
     p.add_argument("--json", action="store_true")
 
-    p = add("eval", "Zero-shot evaluation (rank classification / generation) of a Hugging Face model directory or a "
-            "run's export on an eval mixture; prints per-template accuracy and per-dataset medians.", cmd_eval)
+    p = add("eval", "Zero-shot evaluation (rank classification / generation) of a Hugging Face model directory, a "
+            "run's export or a run checkpoint on an eval mixture; prints per-template accuracy and per-dataset medians. "
+            "--shard I/N evaluates one slice of the (dataset, template) pairs (Slurm job arrays, see "
+            "scripts/slurm/eval.sbatch); `mtf eval-merge` combines the slices.", cmd_eval)
     p.add_argument("model", nargs="?", help="a Hugging Face model directory (e.g. runs/demo/final), a run directory, "
                    "or a run checkpoint (runs/demo/checkpoints/step-00000040)")
     p.add_argument("--mixture", required=True, help="eval mixture YAML, e.g. data_mixtures/demo_eval.yaml")

@@ -202,14 +202,33 @@ def _load_from_checkpoint(path: Path, kind: str, tokenizer: Optional[str]) -> tu
     state = {}
     for file in weights:
         state.update(load_file(str(file)))
+    _restore_tied(model, state)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     if unexpected or [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]:
-        raise ConfigError(f"{path}: the checkpoint does not match the run's model (missing {missing[:3]}, unexpected {unexpected[:3]}).")
+        raise ConfigError(f"{path}: the checkpoint does not match the run's model (missing {missing[:3]}, "
+                          f"unexpected {unexpected[:3]}); was it written by another run's config.yaml?")
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     cfg.model.tokenizer = tokenizer or cfg.model.tokenizer
     return model, load_tokenizer(cfg.model), resolved
+
+
+def _restore_tied(model: Any, state: dict) -> None:
+    """Give every alias of a tied tensor its saved value, whichever alias the checkpoint kept.
+
+    safetensors cannot store aliased tensors, so a checkpoint keeps one name per tied group (accelerate
+    keeps the first, ``shared.weight`` for T5; ``safetensors.torch.save_model`` may keep another). The
+    groups come from the freshly built model's own storage sharing.
+    """
+    groups: dict[int, list[str]] = {}
+    for name, tensor in model.state_dict().items():
+        groups.setdefault(tensor.untyped_storage().data_ptr(), []).append(name)
+    for names in groups.values():
+        kept = [n for n in names if n in state]
+        if len(names) > 1 and kept:
+            for name in names:
+                state.setdefault(name, state[kept[0]])
 
 
 # ------------------------------------------------------------------------------------------ running
@@ -292,6 +311,45 @@ def _merged_meta(paths: list[str], docs: list[dict]) -> dict:
     return meta
 
 
+def _check_complete(owner: dict[Pair, str], shard_file: dict[int, str], count: Optional[int],
+                    mixture: Optional[str]) -> Optional[list[Pair]]:
+    """Raise unless the merged files cover ``mixture`` (or every shard index); return the mixture's pairs.
+
+    Args:
+        owner: pair -> the file that holds it; shard_file: shard index -> file; count: the array size.
+
+    Raises:
+        DataError: a missing pair (named, with the array indices to rerun) or a pair not in ``mixture``.
+    """
+    if mixture is None:
+        absent = sorted(set(range(count)) - set(shard_file)) if count is not None else []
+        if absent:
+            listed = ",".join(map(str, absent))
+            raise DataError(f"missing {len(absent)} of {count} shards: indices {listed} have no result file. Rerun "
+                            f"them (sbatch --array={listed} scripts/slurm/eval.sbatch ...), then merge again; pass "
+                            "--mixture to also name their (dataset, template) pairs.")
+        return None
+    expected = mixture_pairs(mixture)
+    known = set(expected)
+    extra = [p for p in owner if p not in known]
+    if extra:
+        d, t = extra[0]
+        raise DataError(f"{owner[extra[0]]}: {d}/{t} is not a (dataset, template) pair of {mixture} "
+                        f"({len(extra)} such pair(s)); was it evaluated on another mixture?")
+    missing = [(i, p) for i, p in enumerate(expected) if p not in owner]
+    if missing:
+        names = ", ".join(f"{d}/{t}" for _, (d, t) in missing)
+        if count is not None:  # pair i is in shard i % count
+            rerun = ",".join(map(str, sorted({i % count for i, _ in missing})))
+            how = (f"Rerun array indices {rerun} (sbatch --array={rerun} scripts/slurm/eval.sbatch ..., i.e. "
+                   f"mtf eval --shard I/{count}), then merge again.")
+        else:
+            how = "Evaluate them (mtf eval --mixture ...), then merge again."
+        raise DataError(f"missing {len(missing)} of {len(expected)} (dataset, template) pairs of {mixture}: "
+                        f"{names}. {how}")
+    return expected
+
+
 def merge_results(paths: list[str], mixture: Optional[str] = None) -> dict:
     """Combine shard result files (``mtf eval --shard``) into the document one unsharded ``mtf eval`` writes.
 
@@ -319,23 +377,31 @@ def merge_results(paths: list[str], mixture: Optional[str] = None) -> dict:
         raise ConfigError("eval-merge: no shard result files given; pass OUT/shards/shard-*.json.")
     paths = [str(p) for p in paths]
     docs = [_read_result(p) for p in paths]
+    count_file: dict[int, str] = {}  # array size -> first file of that size
+    for path, doc in zip(paths, docs):
+        shard = (doc.get("meta") or {}).get("shard")
+        if shard is not None:
+            count_file.setdefault(shard["count"], path)
+    if len(count_file) > 1:  # checked first: shard indices of arrays of different sizes mean different pairs
+        sizes = ", ".join(f"{c} ({f})" for c, f in sorted(count_file.items()))
+        raise DataError(f"the shard results come from job arrays of different sizes: {sizes}; merge the results of "
+                        "one array (rerun stale shards with the same N).")
+    count = next(iter(count_file), None)
     per_template: dict[str, dict[str, dict]] = {}
     owner: dict[Pair, str] = {}  # pair -> the file that has it
     shard_file: dict[int, str] = {}  # shard index -> file
-    count_file: dict[int, str] = {}  # array size -> first file of that size
     cluster_of: dict[str, str] = {}
     language_of: dict[str, str] = {}
     for path, doc in zip(paths, docs):
         shard = (doc.get("meta") or {}).get("shard")
         if shard is not None:
             if shard["index"] in shard_file:
-                raise DataError(f"{path} and {shard_file[shard['index']]} are both shard {shard['index']}/{shard['count']}; "
-                                "merge each shard once (delete the stale file).")
+                raise DataError(f"{path} and {shard_file[shard['index']]} are both shard "
+                                f"{shard['index']}/{shard['count']}; merge each shard once (delete the stale file).")
             shard_file[shard["index"]] = path
-            count_file.setdefault(shard["count"], path)
         rows_pairs = [(d, t) for d, rows in doc["templates"].items() for t in rows]
         # A pair the shard was given but that produced no row (a template that rendered nothing) is still covered.
-        meta_pairs = [tuple(p) for p in (shard or {}).get("pairs", []) if tuple(p) not in set(rows_pairs)]
+        meta_pairs = [p for p in map(tuple, (shard or {}).get("pairs", [])) if p not in rows_pairs]
         for pair in rows_pairs + meta_pairs:
             if pair in owner:
                 raise DataError(f"{pair[0]}/{pair[1]} appears in two shard results, {owner[pair]} and {path}; "
@@ -348,44 +414,14 @@ def merge_results(paths: list[str], mixture: Optional[str] = None) -> dict:
                 cluster_of[dataset] = summary["cluster"]
             if isinstance(summary, dict) and summary.get("language"):
                 language_of[dataset] = summary["language"]
-    if len(count_file) > 1:
-        sizes = ", ".join(f"{c} ({f})" for c, f in sorted(count_file.items()))
-        raise DataError(f"the shard results come from job arrays of different sizes: {sizes}; merge the results of "
-                        "one array (rerun stale shards with the same N).")
-    count = next(iter(count_file), None)
 
-    if mixture is not None:
-        expected = mixture_pairs(mixture)
-        known = set(expected)
-        extra = [p for p in owner if p not in known]
-        if extra:
-            d, t = extra[0]
-            raise DataError(f"{owner[extra[0]]}: {d}/{t} is not a (dataset, template) pair of {mixture} "
-                            f"({len(extra)} such pair(s)); was it evaluated on another mixture?")
-        missing = [(i, p) for i, p in enumerate(expected) if p not in owner]
-        if missing:
-            names = ", ".join(f"{d}/{t}" for _, (d, t) in missing)
-            if count is not None:
-                rerun = sorted({i % count for i, _ in missing})
-                how = (f"Rerun array indices {','.join(map(str, rerun))} (sbatch --array={','.join(map(str, rerun))} "
-                       f"scripts/slurm/eval.sbatch ..., i.e. mtf eval --shard I/{count}), then merge again.")
-            else:
-                how = "Evaluate them (mtf eval --mixture ...), then merge again."
-            raise DataError(f"missing {len(missing)} of {len(expected)} (dataset, template) pairs of {mixture}: "
-                            f"{names}. {how}")
-        # mixture order: a stable document whatever order the shards finished in
+    expected = _check_complete(owner, shard_file, count, mixture)
+    if expected is not None:  # mixture order: a stable document whatever order the shards finished in
         ordered: dict[str, dict[str, dict]] = {}
         for d, t in expected:
             if t in per_template.get(d, {}):
                 ordered.setdefault(d, {})[t] = per_template[d][t]
         per_template = ordered
-    elif count is not None:
-        absent = sorted(set(range(count)) - set(shard_file))
-        if absent:
-            listed = ",".join(map(str, absent))
-            raise DataError(f"missing {len(absent)} of {count} shards: indices {listed} have no result file. Rerun "
-                            f"them (sbatch --array={listed} scripts/slurm/eval.sbatch ...), then merge again; pass "
-                            "--mixture to also name their (dataset, template) pairs.")
     merged = aggregate(per_template, cluster_of, language_of)
     merged["meta"] = _merged_meta(paths, docs)
     return merged
