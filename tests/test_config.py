@@ -99,3 +99,20 @@ def test_keys_listing_covers_public_names():
     for key in ("run.output_dir", "trainer.max_steps", "trainer.seed", "trainer.resume", "checkpoint.every_steps",
                 "checkpoint.keep_last", "logging.every_steps", "eval.every_steps", "optim.lr"):
         assert key in keys
+
+
+def test_every_mixture_file_loads_with_its_mixture_section():
+    from train.mixtures import load_mixture_spec
+    from train.tasks import load_task_file
+
+    files = sorted((REPO / "data_mixtures").glob("*.yaml"))
+    assert len(files) >= 8
+    with_mixture = 0
+    for path in files:
+        task_file = load_task_file(path)
+        assert task_file.tasks, path
+        if "mixture" in task_file.sections:
+            spec = load_mixture_spec(path)
+            assert set(spec.task_names()) <= set(task_file.tasks), path
+            with_mixture += 1
+    assert with_mixture >= 5  # demo, local and the three T0 training mixtures

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import requires_shared
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_EVAL = str(REPO / "data_mixtures/demo_eval.yaml")
@@ -26,6 +27,20 @@ def _run(model: Path, **kwargs) -> dict:
     try:
         return run_eval_command(model_dir=str(model), mixture=DEMO_EVAL, max_examples_per_template=CAP,
                                 batch_size=16, **kwargs)
+    finally:
+        AcceleratorState._reset_state(True)
+        PartialState._reset_state()
+
+
+def _run_mixture(model: Path, mixture: str) -> dict:
+    from accelerate.state import AcceleratorState, PartialState
+
+    from train.eval_runner import run_eval_command
+
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+    try:
+        return run_eval_command(model_dir=str(model), mixture=mixture, max_examples_per_template=2, batch_size=16)
     finally:
         AcceleratorState._reset_state(True)
         PartialState._reset_state()
@@ -184,3 +199,18 @@ def test_a_path_without_a_model_exits_2_naming_what_it_looked_for(hf_model, tmp_
     (tmp_path / "runs/x/config.yaml").unlink()
     assert main(["eval", str(step), "--mixture", DEMO_EVAL, "--max-examples-per-template", "1"]) == 2
     assert "needs its run's config.yaml" in capsys.readouterr().err
+
+
+@requires_shared
+def test_local_real_eval_sets_report_per_template_accuracy_and_dataset_medians(hf_model):
+    """RTE, CB, COPA, WSC and BoolQ from ../shared with their PromptSource templates (a random model:
+    chance-level accuracy is expected; the point is that every dataset and template is scored)."""
+    results = _run_mixture(hf_model[0], str(REPO / "data_mixtures/local_eval.yaml"))
+    datasets = results["datasets"]
+    assert {"super_glue/rte", "super_glue/cb", "super_glue/copa", "super_glue/boolq"} <= set(datasets)
+    assert any(name.startswith("super_glue/wsc") for name in datasets)
+    for name, summary in datasets.items():
+        assert summary["num_templates"] >= 5, name
+        assert 0.0 <= summary["median"] <= 1.0
+        for row in results["templates"][name].values():
+            assert row["n"] == 2 and 0.0 < row["chance"] < 1.0

@@ -180,7 +180,7 @@ def test_export_reloads_with_from_pretrained(tmp_path):
 
     run = tmp_path / "export"
     proc = _mtf(["train", "configs/demo.yaml", *FAST, "trainer.max_steps=2", f"run.output_dir={run}",
-                 "checkpoint.export_final=true", "--json"])
+                 "checkpoint.export_final=true", "logging.wandb.mode=offline", "--json"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert summary["steps"] == 2
@@ -195,6 +195,20 @@ def test_export_reloads_with_from_pretrained(tmp_path):
     exported = model.state_dict()
     for name, tensor in trained.items():
         assert torch.equal(exported[name], tensor), name
+    # and it computes the same logits as the trained model rebuilt from the checkpoint
+    from train.eval_runner import load_model_for_eval
+
+    rebuilt, _, kind = load_model_for_eval(str(list_complete(run)[-1]))
+    assert kind == "encdec"
+    batch = tok(["premise: The man turned on the faucet."], return_tensors="pt")
+    decoder_input_ids = torch.tensor([[0, 37, 629]])
+    with torch.no_grad():
+        a = model(**batch, decoder_input_ids=decoder_input_ids).logits
+        b = rebuilt.eval()(**batch, decoder_input_ids=decoder_input_ids).logits
+    assert torch.equal(a, b)
+    # wandb in offline mode wrote its run directory, with no network and no API key
+    runs = list((run / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
 
 
 @pytest.mark.slow
