@@ -61,6 +61,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _print_train_summary(summary: dict) -> None:
     print(f"\n[mtf] trained {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
           f"{summary['tokens_seen']:,} tokens; run directory {summary['output_dir']}")
+    packing = ", ".join(f"{k} {v:.3f}" for k, v in summary.get("packing", {}).items())
+    saves = summary.get("checkpoint_seconds") or []
+    print(f"[mtf] training loop {summary['train_loop_seconds']:.1f} s ({summary['tokens_per_second']:,.0f} real tokens/s), "
+          f"final eval + checkpoint {summary['final_eval_and_save_seconds']:.1f} s; packing: {packing}"
+          + (f"; {len(saves)} checkpoints, {sum(saves) / len(saves):.2f} s each" if saves else ""))
     if summary.get("stop_reason"):
         print(f"[mtf] stopped early ({summary['stop_reason']}); a checkpoint was written. "
               "Run the same command again (trainer.resume=auto) to continue.")

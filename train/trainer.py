@@ -221,7 +221,8 @@ def train(cfg: Config) -> dict:
     mode = cfg.trainer.loss_normalization
 
     # ---- the loop
-    start_step = ctx.step
+    start_step, start_tokens = ctx.step, ctx.tokens_seen
+    loop_start = time.perf_counter()
     model.train()
     while ctx.step < cfg.trainer.max_steps and ctx.stop_reason is None:
         step_start = time.perf_counter()
@@ -278,13 +279,18 @@ def train(cfg: Config) -> dict:
         for hook in hooks:
             hook.on_step_end(ctx)
 
+    loop_seconds = time.perf_counter() - loop_start
+    end_start = time.perf_counter()
     for hook in hooks:
         hook.on_train_end(ctx)
     if cfg.checkpoint.export_final and ctx.stop_reason is None:
         checkpointing.export_model(accelerator, model, tokenizer, output_dir / "final")
     summary = {"steps": ctx.step, "final_loss": ctx.last_loss, "tokens_seen": ctx.tokens_seen,
                "stop_reason": ctx.stop_reason, "eval": ctx.eval_results,
-               "checkpoint_seconds": ctx.checkpoint_seconds, "output_dir": str(output_dir)}
+               "checkpoint_seconds": ctx.checkpoint_seconds, "output_dir": str(output_dir),
+               "train_loop_seconds": loop_seconds, "final_eval_and_save_seconds": time.perf_counter() - end_start,
+               "tokens_per_second": (ctx.tokens_seen - start_tokens) / max(loop_seconds, 1e-9),
+               "packing": packer.efficiency(), "packing_stats": dict(packer.stats)}
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
