@@ -162,6 +162,10 @@ def train(cfg: Config) -> dict:
     model_config = load_model_config(cfg.model)
     tokenizer = load_tokenizer(cfg.model)
     info = model_info(cfg.model, model_config, tokenizer)
+    if cfg.trainer.precision == "fp16" and info.model_type in ("t5", "mt5", "umt5", "longt5", "switch_transformers"):
+        # The name-based check in config.validate misses renamed checkpoints; the model type does not.
+        raise ConfigError(f"`trainer.precision=fp16` with a {info.model_type} model: T5 overflows in fp16 and produces NaN "
+                          "losses (t5#539, transformers#9295). Use `trainer.precision=bf16` (or fp32).")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     plan = plan_batch(cfg, info.kind, world_size)
     accelerator = make_accelerator(cfg, plan)
