@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from test_trainer import FAST, _env, _losses
+from conftest import FAST
+from test_trainer import _env, _losses
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import FAST
+from test_trainer import _losses
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -28,20 +30,6 @@ LAUNCH_SH = REPO / "scripts/launch.sh"
 SHELL_SCRIPTS = [LAUNCH_SH, TRAIN_SBATCH, EVAL_SBATCH, MERGE_EVAL]
 DEMO_EVAL = "data_mixtures/demo_eval.yaml"
 
-# As in tests/test_trainer.py: no eval, short rows, constant LR (a shorter run's schedule equals a
-# longer one's), every step logged.
-FAST = [
-    "eval.mixture=null",
-    "data.max_input_tokens=128",
-    "data.max_target_tokens=32",
-    "trainer.global_batch_size=4",
-    "trainer.micro_batch_size=2",
-    "schedule.name=constant",
-    "schedule.warmup_steps=0",
-    "logging.every_steps=1",
-    "logging.progress_bar=false",
-    "checkpoint.export_final=false",
-]
 
 # Fake Slurm commands. srun runs its command once per fake node, in the background, with that node's
 # SLURM_NODEID, and exits with the highest exit code (like srun). It records its pid so a test can
@@ -217,15 +205,6 @@ def test_launch_sh_one_gpu_runs_the_trainer_directly_and_checks_its_inputs(tmp_p
 
 
 # ------------------------------------------------------------------------------------------ end to end
-
-
-def _losses(run_dir: Path) -> dict[int, float]:
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "train/loss_last" in record:
-            out[record["step"]] = record["train/loss_last"]
-    return out
 
 
 def _free_port() -> int:

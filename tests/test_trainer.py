@@ -16,26 +16,13 @@ from pathlib import Path
 
 import pytest
 
+from conftest import FAST
 from train.checkpointing import MARKER, find_resume_checkpoint, list_complete
 from train.errors import EXIT_PREEMPTED
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 
-# A small, fast version of the demo: no eval, short rows, constant LR (so a shorter run's schedule
-# equals a longer one's), every step logged.
-FAST = [
-    "eval.mixture=null",
-    "data.max_input_tokens=128",
-    "data.max_target_tokens=32",
-    "trainer.global_batch_size=4",
-    "trainer.micro_batch_size=2",
-    "schedule.name=constant",
-    "schedule.warmup_steps=0",
-    "logging.every_steps=1",
-    "logging.progress_bar=false",
-    "checkpoint.export_final=false",
-]
 
 
 def _env() -> dict:
