@@ -218,3 +218,21 @@ def test_two_processes_match_one_process(tmp_path, uninterrupted):
     assert sorted(two) == list(range(1, 13))
     for step in range(1, 13):
         assert abs(two[step] - uninterrupted[step]) <= 1e-5, (step, two[step], uninterrupted[step])
+
+
+@pytest.mark.parametrize("kind", ["decoder", "prefix_lm"])
+def test_decoder_kinds_train_and_evaluate_end_to_end(tmp_path, kind):
+    """The same loop trains a Llama-style decoder, causal or prefix-LM, on packed rows and runs the eval hook."""
+    run = tmp_path / kind
+    proc = _mtf(["train", "configs/demo.yaml", *FAST, "model.config=configs/models/llama_tiny.json", f"model.kind={kind}",
+                 "data.max_tokens=256", "trainer.max_steps=6", f"run.output_dir={run}", "trainer.seed=3",
+                 "eval.mixture=data_mixtures/demo_eval.yaml", "eval.final_max_examples_per_template=4", "--json"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert f"model kind {kind}" in proc.stdout + proc.stderr
+    assert summary["packing"]["efficiency"] > 0.9 and summary["packing"]["examples_per_row"] > 2
+    losses = _losses(run)
+    assert sorted(losses) == list(range(1, 7)) and losses[6] < losses[1]
+    copa = summary["eval"]["datasets"]["super_glue/copa"]
+    assert copa["num_templates"] == 12 and 0.0 <= copa["median"] <= 1.0
+    assert (run / "eval" / "step-00000006.json").exists()
