@@ -236,3 +236,26 @@ def test_decoder_kinds_train_and_evaluate_end_to_end(tmp_path, kind):
     copa = summary["eval"]["datasets"]["super_glue/copa"]
     assert copa["num_templates"] == 12 and 0.0 <= copa["median"] <= 1.0
     assert (run / "eval" / "step-00000006.json").exists()
+
+
+def test_max_time_stops_cleanly_with_a_checkpoint_and_the_switches_work(tmp_path):
+    """trainer.max_time exits with the preemption code after a checkpoint; on the way it exercises
+    Adafactor, bf16 autocast, gradient checkpointing and the tensorboard sink."""
+    run = tmp_path / "max_time"
+    proc = _mtf(["train", "configs/demo.yaml", *FAST, "trainer.max_steps=100000", "trainer.max_time=3",
+                 f"run.output_dir={run}", "optim.name=adafactor", "trainer.precision=bf16",
+                 "model.gradient_checkpointing=true", "logging.tensorboard=true"])
+    assert proc.returncode == EXIT_PREEMPTED, proc.stderr[-3000:]
+    assert "stopped early (max_time)" in proc.stdout
+    state = json.loads((list_complete(run)[-1] / "trainer_state.json").read_text())
+    losses = _losses(run)
+    assert state["step"] == max(losses) >= 1 and state["step"] < 100000
+    assert all(loss == loss and loss < 20 for loss in losses.values())  # finite under bf16
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_mfu_estimate():
+    from train.loggers import estimate_mfu
+
+    assert estimate_mfu(6e9, 1000.0, 8, None) is None
+    assert estimate_mfu(6e9, 1000.0, 2, 3.0) == pytest.approx(6e9 * 1000 / (2 * 3e12))
