@@ -116,3 +116,11 @@ def test_every_mixture_file_loads_with_its_mixture_section():
             assert set(spec.task_names()) <= set(task_file.tasks), path
             with_mixture += 1
     assert with_mixture >= 5  # demo, local and the three T0 training mixtures
+
+
+def test_readme_config_reference_lists_every_key():
+    """The README's config reference must stay true: every leaf key of the config appears in it."""
+    readme = (REPO / "README.md").read_text()
+    leaves = [k for k in all_keys() if not any(other.startswith(k + ".") for other in all_keys())]
+    missing = [k for k in leaves if f"`{k}`" not in readme]
+    assert not missing, f"README.md's configuration reference lacks {missing}"
