@@ -48,12 +48,17 @@ def _losses(run_dir: Path) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> dict[int, float]:
+def uninterrupted_run(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("full")
     proc = _mtf(["train", "configs/demo.yaml", *FAST, "trainer.max_steps=12", f"run.output_dir={run}",
-                 "checkpoint.every_steps=100"])
+                 "checkpoint.every_steps=6"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    losses = _losses(run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(uninterrupted_run) -> dict[int, float]:
+    losses = _losses(uninterrupted_run)
     assert sorted(losses) == list(range(1, 13))
     return losses
 
@@ -198,19 +203,32 @@ def test_export_reloads_with_from_pretrained(tmp_path):
     assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
 
 
-@pytest.mark.slow
-def test_two_processes_match_one_process(tmp_path, uninterrupted):
-    run = tmp_path / "ddp"
+def _two_processes(run: Path, port: int, *extra: str) -> str:
     env = _env()
     env["ACCELERATE_USE_CPU"] = "1"
     proc = subprocess.run(
         [PY, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
          "-m", "train.cli", "train", "configs/demo.yaml", *FAST, "trainer.max_steps=12", f"run.output_dir={run}",
-         "checkpoint.every_steps=100"],
+         *extra],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
+    return output
+
+
+def _resume_copy(checkpoint: Path, run: Path) -> None:
+    """A new run directory holding only ``checkpoint`` (so resume=auto starts from it)."""
+    import shutil
+
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copytree(checkpoint, run / "checkpoints" / checkpoint.name)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(tmp_path, uninterrupted):
+    run = tmp_path / "ddp"
+    output = _two_processes(run, 29517, "checkpoint.every_steps=6")
     assert "= 2 ranks x 1 accumulation x 2 rows" in output  # really 2 processes (FIELD_NOTES: --cpu alone gives 1)
     digests = sorted(line.split("digest ")[1].strip() for line in output.splitlines() if "rows digest" in line)
     assert len(digests) == 2 and digests[0] != digests[1], "both ranks saw the same rows"
@@ -259,3 +277,26 @@ def test_mfu_estimate():
 
     assert estimate_mfu(6e9, 1000.0, 8, None) is None
     assert estimate_mfu(6e9, 1000.0, 2, 3.0) == pytest.approx(6e9 * 1000 / (2 * 3e12))
+
+
+@pytest.mark.slow
+def test_resume_on_a_different_number_of_processes(tmp_path, uninterrupted_run, uninterrupted):
+    """A 1-process checkpoint resumes on 2 processes (and a 2-process one on 1) with the same losses:
+    the data position is the global stream's, not a per-rank count."""
+    one_to_two = tmp_path / "one_to_two"
+    _resume_copy(uninterrupted_run / "checkpoints" / "step-00000006", one_to_two)
+    output = _two_processes(one_to_two, 29519, "checkpoint.every_steps=3")
+    assert "resumed from" in output and "= 2 ranks x 1 accumulation x 2 rows" in output
+    two = _losses(one_to_two)
+    assert sorted(two) == list(range(7, 13))
+    for step in range(7, 13):
+        assert abs(two[step] - uninterrupted[step]) <= 1e-5, (step, two[step], uninterrupted[step])
+
+    two_to_one = tmp_path / "two_to_one"
+    _resume_copy(one_to_two / "checkpoints" / "step-00000009", two_to_one)  # written by 2 processes
+    proc = _mtf(["train", "configs/demo.yaml", *FAST, "trainer.max_steps=12", f"run.output_dir={two_to_one}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = _losses(two_to_one)
+    assert sorted(one) == [10, 11, 12]
+    for step in (10, 11, 12):
+        assert abs(one[step] - uninterrupted[step]) <= 1e-5, (step, one[step], uninterrupted[step])

@@ -247,6 +247,10 @@ def train(cfg: Config) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = ctx.lr
         numerator_sum = torch.zeros((), device=accelerator.device)
+        # accelerate syncs and steps when its micro-batch counter hits a multiple of grad_accum. A step
+        # always runs exactly grad_accum micro-batches, so start each one at 0: a counter restored from a
+        # checkpoint written with another accumulation (another rank count) would otherwise step mid-batch.
+        accelerator.step = 0
         grad_norm = None
         for batch in micro_batches:
             batch = {k: v.to(accelerator.device) if hasattr(v, "to") else v for k, v in batch.items()}
