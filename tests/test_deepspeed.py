@@ -4,7 +4,6 @@ subsequent losses, and export gathered (not sharded-empty) weights."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys

@@ -139,7 +139,7 @@ def test_every_node_gets_its_own_machine_rank_and_the_same_rendezvous(fake_slurm
         # the rank comes from the node's own SLURM_NODEID, expanded on the node (accelerate#2816)
         assert f"--machine_rank {rank} " in line
         assert f"--rdzv_conf is_host={int(rank == 0)} " in line
-        assert f"--num_machines 2 --num_processes 16 " in line
+        assert "--num_machines 2 --num_processes 16 " in line
         assert f"--main_process_ip localhost --main_process_port {port} --rdzv_backend c10d " in line
         # config path and overrides reach `mtf train` unchanged (quoted with printf %q)
         assert line.rstrip().endswith(r"train configs/demo.yaml trainer.max_steps=7 run.name=two\ words optim.lr=1e-4")

@@ -18,7 +18,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from train import checkpointing
 from train.config import Config, save_config, to_dict
@@ -267,6 +267,8 @@ def train(cfg: Config) -> dict:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+        if cfg.trainer.deepspeed and hasattr(model, "get_global_grad_norm"):
+            grad_norm = model.get_global_grad_norm()  # DeepSpeed clips inside its step and keeps the norm
         loss = accelerator.reduce(numerator_sum, reduction="sum") if plan.world_size > 1 else numerator_sum
         ctx.last_loss = float(loss) / denominator if mode != "sum" and denominator > 0 else float(loss)
         if cfg.trainer.nan_guard and not math.isfinite(ctx.last_loss):
