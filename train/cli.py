@@ -170,7 +170,8 @@ def cmd_mixture_show(args: argparse.Namespace) -> int:
     from train.mixtures import format_mixture_report, show_mixture
 
     report = show_mixture(args.mixture, steps=args.steps, batch_tokens=args.batch_tokens, tokenizer=args.tokenizer,
-                          kind=args.kind, samples=args.samples, plot=args.plot, seed=args.seed)
+                          kind=args.kind, samples=args.samples, plot=args.plot, seed=args.seed,
+                          max_examples_per_task=args.max_examples_per_task, data_root=args.data_root)
     if args.json:
         _print_json(report)
     else:
@@ -263,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=20000, help="stream samples drawn to measure realised shares")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--plot", default=None, help="write a bar chart of the composition to this PNG")
+    p.add_argument("--max-examples-per-task", type=int, default=None,
+                   help="render only the first N rows of each task (a quick look; counts and rates then reflect N)")
+    p.add_argument("--data-root", default=None, help="read hub sources from local files under this root (as MTF_DATA_ROOT)")
     p.add_argument("--json", action="store_true")
     return parser
 
