@@ -18,6 +18,7 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
+from train import eval_results as er
 from train import evaluation as ev
 from train.errors import ConfigError, DataError
 
@@ -284,7 +285,7 @@ def test_aggregation_math():
         "copa": {"p1": _row(0.8), "p2": _row(0.6), "p3": _row(None, n=0)},
         "wsc": {"p1": _row(0.3)},
     }
-    res = ev.aggregate(per_template, {"rte": "nli", "copa": "sentence_completion", "wsc": "coreference"},
+    res = er.aggregate(per_template, {"rte": "nli", "copa": "sentence_completion", "wsc": "coreference"},
                        {"wsc": "fr"})
     rte = res["datasets"]["rte"]
     assert rte["median"] == pytest.approx(0.65) and rte["mean"] == pytest.approx(0.675)
@@ -295,7 +296,7 @@ def test_aggregation_math():
     assert res["clusters"]["nli"]["mean"] == pytest.approx(0.65)
     assert res["languages"]["en"]["mean"] == pytest.approx((0.65 + 0.7) / 2)
     assert res["languages"]["fr"]["datasets"] == ["wsc"]
-    flat = ev.flatten_for_logging(res)
+    flat = er.flatten_for_logging(res)
     assert flat["eval/rte/p2/accuracy"] == 0.7
     assert flat["eval/rte/median"] == pytest.approx(0.65)
     assert flat["eval/rte/length_normalized_median"] == pytest.approx(0.55)
@@ -306,9 +307,9 @@ def test_aggregation_math():
 
 def test_write_results_and_table(tmp_path, tok, models):
     res = ev.evaluate(models["t5"], tok, _examples(), kind="encdec")
-    path = ev.write_results(tmp_path / "sub" / "eval.json", res)
+    path = er.write_results(tmp_path / "sub" / "eval.json", res)
     assert json.loads(path.read_text()) == json.loads(json.dumps(res))
-    table = ev.format_results_table(res)
+    table = er.format_results_table(res)
     header = table.splitlines()[0]
     assert "chance" in header and "len-norm" in header
     # d1/a has choices 2, 4 and 3 -> chance = mean(1/2, 1/4, 1/3)
@@ -325,7 +326,7 @@ def test_write_results_and_table(tmp_path, tok, models):
 def test_generation_metrics_on_hand_made_example():
     preds = ["The cat sat on the mat.", "paris", "blue sky today"]
     refs = [["the cat sat on the mat"], ["Paris", "City of Light"], ["a red car"]]
-    m = ev.generation_metrics(preds, refs, ["exact_match", "f1", "rouge1", "rougeL", "bleu"])
+    m = er.generation_metrics(preds, refs, ["exact_match", "f1", "rouge1", "rougeL", "bleu"])
     assert m["exact_match"] == pytest.approx(2 / 3)  # SQuAD normalisation drops case, punctuation, articles
     assert m["f1"] == pytest.approx(2 / 3)
     assert m["rouge1"] == pytest.approx(2 / 3)
@@ -335,11 +336,11 @@ def test_generation_metrics_on_hand_made_example():
     expect = sacrebleu.corpus_bleu(preds, [[r[0] for r in refs], [r[-1] for r in refs]]).score
     assert m["bleu"] == pytest.approx(expect)
     # partial overlap: pred "b c y" vs "b x c d e" -> p=2/3, r=2/5, f1=1/2 (best of the references)
-    assert ev.squad_f1("b c y", ["b x c d e", "w"]) == pytest.approx(0.5)
+    assert er.squad_f1("b c y", ["b x c d e", "w"]) == pytest.approx(0.5)
     # the article "a" is dropped by normalisation: pred [b, c] -> p=1, r=2/5
-    assert ev.squad_f1("a b c", ["b x c d e"]) == pytest.approx(2 * 0.4 / 1.4)
+    assert er.squad_f1("a b c", ["b x c d e"]) == pytest.approx(2 * 0.4 / 1.4)
     with pytest.raises(ConfigError, match="unknown generation metric"):
-        ev.generation_metrics(["a"], [["a"]], ["meteor"])
+        er.generation_metrics(["a"], [["a"]], ["meteor"])
 
 
 @pytest.mark.parametrize("kind,name", [("encdec", "t5"), ("decoder", "llama"), ("prefix_lm", "gpt2")])
@@ -366,9 +367,9 @@ def test_generation_path_matches_one_example_at_a_time(tok, models, kind, name):
     res = evaluator(model, batch_size=2, max_new_tokens=6)
     row = res["templates"]["gen"]["g"]
     assert row["n"] == 4 and row["metric"] == "exact_match" and row["chance"] is None
-    expect = ev.generation_metrics([batched[i] for i in range(4)], [["hello"]] * 4, ["exact_match", "f1", "rouge1"])
+    expect = er.generation_metrics([batched[i] for i in range(4)], [["hello"]] * 4, ["exact_match", "f1", "rouge1"])
     assert row["f1"] == pytest.approx(expect["f1"]) and row["rouge1"] == pytest.approx(expect["rouge1"])
-    assert ev.flatten_for_logging(res)["eval/gen/g/rouge2"] == row["rouge2"]
+    assert er.flatten_for_logging(res)["eval/gen/g/rouge2"] == row["rouge2"]
 
 
 # ----------------------------------------------------------------------------------------------------

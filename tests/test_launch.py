@@ -322,7 +322,7 @@ def _write_shards(folder: Path, rows: dict, count: int, clusters: dict, language
                   skip: tuple[int, ...] = ()) -> list[Path]:
     """Shard result files as `mtf eval --shard i/count --output` writes them, for synthetic template rows."""
     from train.eval_runner import select_pairs
-    from train.evaluation import aggregate
+    from train.eval_results import aggregate
 
     pairs = [(d, t) for d in rows for t in rows[d]]
     paths = []
@@ -345,7 +345,7 @@ def _write_shards(folder: Path, rows: dict, count: int, clusters: dict, language
 def test_merging_shards_equals_aggregating_everything_at_once(tmp_path):
     from train.errors import DataError
     from train.eval_runner import merge_results
-    from train.evaluation import aggregate
+    from train.eval_results import aggregate
 
     rows = {"a/x": {"t1": _row(0.6), "t2": _row(0.7), "t3": _row(0.9)}, "b": {"u1": _row(0.3), "u2": _row(0.5)}}
     clusters, languages = {"a/x": "nli", "b": "coref"}, {"a/x": "en", "b": "fr"}

@@ -70,7 +70,7 @@ def _print_train_summary(summary: dict) -> None:
         print(f"[mtf] stopped early ({summary['stop_reason']}); a checkpoint was written. "
               "Run the same command again (trainer.resume=auto) to continue.")
     if summary.get("eval"):
-        from train.evaluation import format_results_table
+        from train.eval_results import format_results_table
 
         print("\nZero-shot evaluation (held-out tasks):")
         print(format_results_table(summary["eval"]))
@@ -109,7 +109,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.json:
             _print_json(results)
         else:
-            from train.evaluation import format_results_table
+            from train.eval_results import format_results_table
 
             print(format_results_table(results))
     return EXIT_OK
@@ -117,7 +117,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_eval_merge(args: argparse.Namespace) -> int:
     from train.eval_runner import merge_results
-    from train.evaluation import format_results_table, write_results
+    from train.eval_results import format_results_table, write_results
 
     results = merge_results(args.shards, mixture=args.mixture)
     if args.output:

@@ -240,7 +240,7 @@ def run_eval_command(*, model_dir: str, mixture: str, kind: str = "auto", tokeni
     """Evaluate ``model_dir`` on ``mixture`` (or on shard ``"I/N"`` of its pairs).
 
     Returns:
-        The results (see :func:`train.evaluation.aggregate`) with ``meta.model``, ``meta.mixture`` and
+        The results (see :func:`train.eval_results.aggregate`) with ``meta.model``, ``meta.mixture`` and
         ``meta.shard`` (``{"index", "count", "pairs": [[dataset, template], ...]}``, None unsharded) on the
         main process; None on the others. Written to ``output`` when given.
 
@@ -251,7 +251,8 @@ def run_eval_command(*, model_dir: str, mixture: str, kind: str = "auto", tokeni
     import torch
     from accelerate import Accelerator
 
-    from train.evaluation import evaluate, write_results
+    from train.eval_results import write_results
+    from train.evaluation import evaluate
 
     # Check the shard and the model path before rendering anything: a wrong array fails in seconds.
     shard_meta = None
@@ -353,7 +354,7 @@ def _check_complete(owner: dict[Pair, str], shard_file: dict[int, str], count: O
 def merge_results(paths: list[str], mixture: Optional[str] = None) -> dict:
     """Combine shard result files (``mtf eval --shard``) into the document one unsharded ``mtf eval`` writes.
 
-    Template rows are re-aggregated with :func:`train.evaluation.aggregate` (per-dataset medians, cluster
+    Template rows are re-aggregated with :func:`train.eval_results.aggregate` (per-dataset medians, cluster
     and language means), keeping each dataset's cluster and language.
 
     Args:
@@ -371,7 +372,7 @@ def merge_results(paths: list[str], mixture: Optional[str] = None) -> dict:
             different sizes; a pair (or shard) is missing (the message names the pairs and the array
             indices to rerun) or does not belong to ``mixture``.
     """
-    from train.evaluation import aggregate
+    from train.eval_results import aggregate
 
     if not paths:
         raise ConfigError("eval-merge: no shard result files given; pass OUT/shards/shard-*.json.")

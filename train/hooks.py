@@ -210,7 +210,7 @@ class EvalHook:
     def run(self, ctx: TrainContext, final: bool) -> Optional[dict]:
         if not self.eval_set:
             return None
-        from train import evaluation
+        from train import eval_results
 
         cap = self.cfg.final_max_examples_per_template if final else self.cfg.max_examples_per_template
         results = self._evaluator(ctx, cap)(ctx.model, accelerator=ctx.accelerator, batch_size=self.cfg.batch_size)
@@ -220,18 +220,18 @@ class EvalHook:
         if ctx.accelerator.is_main_process:
             out = Path(ctx.cfg.run.output_dir) / "eval"
             out.mkdir(parents=True, exist_ok=True)
-            evaluation.write_results(out / f"step-{ctx.step:08d}.json", results)
+            eval_results.write_results(out / f"step-{ctx.step:08d}.json", results)
             if self.logger is not None:
-                self.logger.log(evaluation.flatten_for_logging(results), ctx.step)
+                self.logger.log(eval_results.flatten_for_logging(results), ctx.step)
         self._track_best(ctx, results)
         return results
 
     def _track_best(self, ctx: TrainContext, results: dict) -> None:
         if not self.cfg.best_metric:
             return
-        from train import evaluation
+        from train import eval_results
 
-        value = evaluation.flatten_for_logging(results).get(self.cfg.best_metric)
+        value = eval_results.flatten_for_logging(results).get(self.cfg.best_metric)
         if value is None:
             return
         if ctx.best_metric_value is None or value > ctx.best_metric_value:
