@@ -11,15 +11,8 @@ from scipy.stats import chisquare
 
 from train import mixtures
 from train.errors import ConfigError, DataError
-from train.mixtures import (
-    MixtureStream,
-    count_examples,
-    format_mixture_report,
-    load_mixture_spec,
-    mixture_report,
-    plan_mixture,
-    plot_mixture_report,
-)
+from train.mixture_report import format_mixture_report, mixture_report, plot_mixture_report
+from train.mixtures import MixtureStream, count_examples, load_mixture_spec, plan_mixture
 
 
 def _tokenized(task, n, templates=None, seed=0):

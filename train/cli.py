@@ -167,7 +167,7 @@ def cmd_tasks_preview(args: argparse.Namespace) -> int:
 
 
 def cmd_mixture_show(args: argparse.Namespace) -> int:
-    from train.mixtures import format_mixture_report, show_mixture
+    from train.mixture_report import format_mixture_report, show_mixture
 
     report = show_mixture(args.mixture, steps=args.steps, batch_tokens=args.batch_tokens, tokenizer=args.tokenizer,
                           kind=args.kind, samples=args.samples, plot=args.plot, seed=args.seed,

@@ -25,16 +25,22 @@ def _mixture_files(spec: Any) -> list[Path]:
     return files
 
 
-def load_train_tasks(cfg: Config) -> tuple[Any, dict]:
-    """(mixture spec, task name -> Task) of the training mixture, nested files included."""
+def load_mixture_tasks(path: str | Path, *, data_root: Optional[str] = None) -> tuple[Any, dict]:
+    """(mixture spec, every task defined by the mixture file and its nested mixtures' files)."""
     from train.mixtures import load_mixture_spec
     from train.tasks import load_task_file
 
-    spec = load_mixture_spec(cfg.data.train_mixture)
+    spec = load_mixture_spec(path)
     tasks: dict = {}
-    for path in _mixture_files(spec):
-        for name, task in load_task_file(path, data_root=cfg.data.data_root).tasks.items():
+    for file in _mixture_files(spec):
+        for name, task in load_task_file(file, data_root=data_root).tasks.items():
             tasks.setdefault(name, task)
+    return spec, tasks
+
+
+def load_train_tasks(cfg: Config) -> tuple[Any, dict]:
+    """(mixture spec, task name -> Task) of the tasks the training mixture samples, nested files included."""
+    spec, tasks = load_mixture_tasks(cfg.data.train_mixture, data_root=cfg.data.data_root)
     missing = [name for name in spec.task_names() if name not in tasks]
     if missing:
         raise ConfigError(f"{cfg.data.train_mixture}: the mixture samples tasks that no file defines: {', '.join(missing)}. "

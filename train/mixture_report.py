@@ -1,0 +1,219 @@
+"""``mtf mixture show``: what a mixture will feed the model, planned and measured.
+
+Per task: examples (after prompting and tokenizing), planned rate, share of samples realised by the real
+:class:`~train.mixtures.MixtureStream`, mean tokens per example, share of tokens, and the expected number
+of epochs for a given training length, flagging tasks repeated more than ``REPEAT_WARNING_EPOCHS`` times
+(data-constrained scaling laws). Optionally a bar chart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from train.errors import ConfigError
+from train.mixtures import REPEAT_WARNING_EPOCHS, MixturePlan, MixtureStream, count_examples, plan_mixture
+
+
+# --------------------------------------------------------------------------------------------------
+# Report for `mtf mixture show`
+# --------------------------------------------------------------------------------------------------
+
+
+def mixture_report(
+    plan: MixturePlan,
+    datasets: Mapping[str, Any],
+    *,
+    steps: int | None = None,
+    batch_tokens: int | None = None,
+    realised_samples: int = 10_000,
+    seed: int = 0,
+) -> dict:
+    """Per-task planned and realised shares, token shares and expected epochs (JSON-able).
+
+    Args:
+        plan: from :func:`plan_mixture`.
+        datasets: task -> tokenized dataset (the same the plan was made from).
+        steps, batch_tokens: training length; when both are given, expected epochs per task =
+            ``steps * batch_tokens * token_share / (mean_tokens * examples)``, an upper bound since
+            packing padding is ignored. Tasks above ``REPEAT_WARNING_EPOCHS`` are flagged.
+        realised_samples: items drawn from the real :class:`MixtureStream` to measure realised shares.
+        seed: the stream seed.
+
+    Returns:
+        {"mixture", "rate", "seed", "steps", "batch_tokens", "realised_samples", "tasks": [per task:
+        task, templates, examples, rate, mean_tokens, token_share, expected_epochs, repeats,
+        realised_share], "warnings": [str]}.
+    """
+    stream = MixtureStream.from_plan(plan, datasets, seed)
+    # mean tokens per example of each source, from the Arrow offsets (no row decoding)
+    lengths_cache: dict[str, np.ndarray] = {}
+    per_task: dict[str, dict] = {}
+    for planned, source in zip(plan.sources, stream.sources):
+        if planned.task not in lengths_cache:
+            lengths_cache[planned.task] = source.columns.lengths()
+        lengths = lengths_cache[planned.task]
+        rows = source.rows
+        mean = float(lengths[rows.start : rows.stop].mean() if isinstance(rows, range) else lengths[rows].mean())
+        entry = per_task.setdefault(
+            planned.task, {"task": planned.task, "templates": 0, "examples": 0, "rate": 0.0, "_tokens": 0.0}
+        )
+        entry["templates"] += planned.template is not None
+        entry["examples"] += planned.examples
+        entry["rate"] += planned.probability
+        entry["_tokens"] += planned.probability * mean  # expected tokens per sample from this source
+    tokens_per_sample = sum(e["_tokens"] for e in per_task.values())
+    realised: dict[str, int] = dict.fromkeys(per_task, 0)
+    for _ in range(realised_samples):
+        realised[next(stream)["task"]] += 1
+    total_tokens = steps * batch_tokens if steps is not None and batch_tokens is not None else None
+    warnings = []
+    rows_out = []
+    for task in sorted(per_task):
+        e = per_task[task]
+        mean_tokens = e["_tokens"] / e["rate"]
+        epochs = None
+        if total_tokens is not None:
+            samples = total_tokens / tokens_per_sample * e["rate"]
+            epochs = samples / e["examples"]
+        repeats = epochs is not None and epochs > REPEAT_WARNING_EPOCHS
+        if repeats:
+            warnings.append(
+                f"task '{task}' would be seen {epochs:.1f} times (> {REPEAT_WARNING_EPOCHS:g} epochs): "
+                "repeated data helps little beyond ~4 epochs (data-constrained scaling laws); cap it lower."
+            )
+        rows_out.append(
+            {
+                "task": task,
+                "templates": e["templates"] or None,
+                "examples": e["examples"],
+                "rate": e["rate"],
+                "mean_tokens": mean_tokens,
+                "token_share": e["_tokens"] / tokens_per_sample,
+                "expected_epochs": epochs,
+                "repeats": repeats,
+                "realised_share": realised[task] / realised_samples if realised_samples else None,
+            }
+        )
+    rate = plan.spec.rate
+    return {
+        "mixture": str(plan.spec.path),
+        "rate": {k: v for k, v in vars(rate).items() if v is not None},
+        "seed": seed,
+        "steps": steps,
+        "batch_tokens": batch_tokens,
+        "realised_samples": realised_samples,
+        "tasks": rows_out,
+        "warnings": warnings,
+    }
+
+
+def format_mixture_report(report: Mapping) -> str:
+    """The report as a fixed-width table followed by its warnings."""
+    header = ["task", "tmpl", "examples", "rate", "realised", "tok/ex", "tok share", "epochs", ""]
+    lines = []
+    for t in report["tasks"]:
+        lines.append(
+            [
+                t["task"],
+                str(t["templates"] or "-"),
+                f"{t['examples']:,}",
+                f"{t['rate']:.4f}",
+                "-" if t["realised_share"] is None else f"{t['realised_share']:.4f}",
+                f"{t['mean_tokens']:.1f}",
+                f"{t['token_share']:.4f}",
+                "-" if t["expected_epochs"] is None else f"{t['expected_epochs']:.2f}",
+                "REPEATS" if t["repeats"] else "",
+            ]
+        )
+    widths = [max(len(r[i]) for r in [header, *lines]) for i in range(len(header))]
+
+    def fmt(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    rate = ", ".join(f"{k}={v}" for k, v in report["rate"].items())
+    out = [f"mixture {report['mixture']} ({rate}; realised over {report['realised_samples']:,} samples, "
+           f"seed {report['seed']})", fmt(header).rstrip(), *(fmt(r).rstrip() for r in lines)]
+    out += [f"WARNING: {w}" for w in report["warnings"]]
+    return "\n".join(out)
+
+
+def plot_mixture_report(report: Mapping, path: str | Path) -> None:
+    """Bar chart of planned vs realised sample shares and token shares per task (PNG, Agg backend)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    tasks = [t["task"] for t in report["tasks"]]
+    x = np.arange(len(tasks))
+    fig = Figure(figsize=(max(6.0, 0.6 * len(tasks) + 2), 4.0))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    width = 0.27
+    ax.bar(x - width, [t["rate"] for t in report["tasks"]], width, label="planned share")
+    ax.bar(x, [t["realised_share"] or 0.0 for t in report["tasks"]], width, label="realised share")
+    ax.bar(x + width, [t["token_share"] for t in report["tasks"]], width, label="token share")
+    ax.set_xticks(x, tasks, rotation=45, ha="right")
+    ax.set_ylabel("share")
+    ax.set_title(Path(report["mixture"]).name)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(str(path))
+
+
+def show_mixture(
+    path: str | Path,
+    *,
+    steps: int | None = None,
+    batch_tokens: int | None = None,
+    tokenizer: Any = None,
+    kind: str = "encdec",
+    samples: int = 10_000,
+    plot: str | Path | None = None,
+    seed: int = 0,
+    cache_dir: str | None = None,
+    data_root: str | None = None,
+    max_examples_per_task: int | None = None,
+) -> dict:
+    """``mtf mixture show``: load a mixture file's tasks, prompt and tokenize them, and report.
+
+    Args:
+        path: the mixture YAML (its ``tasks``/``include`` and nested mixtures define the tasks).
+        steps, batch_tokens, samples, seed: see :func:`mixture_report`.
+        tokenizer: a tokenizer, or a folder for ``AutoTokenizer.from_pretrained``.
+        kind: model kind (decides eos / leading-space handling, hence token counts).
+        plot: write :func:`plot_mixture_report`'s PNG here.
+        cache_dir, data_root, max_examples_per_task: passed to train.tasks.
+
+    Returns:
+        The :func:`mixture_report` dict.
+
+    Raises:
+        ConfigError / DataError: as :func:`load_mixture_spec`, :func:`plan_mixture` and train.tasks.
+    """
+    from train.data import load_mixture_tasks
+    from train.tokenization import tokenize_prompted
+
+    if tokenizer is None or isinstance(tokenizer, (str, Path)):
+        from transformers import AutoTokenizer
+
+        if tokenizer is None or not Path(tokenizer).is_dir():
+            raise ConfigError(f"--tokenizer must be a folder with tokenizer files, got {tokenizer!r}.")
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+    spec, tasks = load_mixture_tasks(path, data_root=data_root)
+    tokenized = {}
+    for name in spec.task_names():
+        if name not in tasks:
+            continue  # plan_mixture names the unknown task, its file and the known ones
+        prompted = tasks[name].prompted(max_examples_per_task, cache_dir=cache_dir)
+        tokenized[name] = tokenize_prompted(prompted, tokenizer, kind)
+    counts = {**dict.fromkeys(tasks, 0), **count_examples(tokenized)}
+    plan = plan_mixture(spec, counts)
+    report = mixture_report(
+        plan, tokenized, steps=steps, batch_tokens=batch_tokens, realised_samples=samples, seed=seed
+    )
+    if plot is not None:
+        plot_mixture_report(report, plot)
+    return report
