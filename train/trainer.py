@@ -239,10 +239,12 @@ def train(cfg: Config) -> dict:
         micro_batches = [collate(mine[i:i + plan.micro_batch_size], **collate_kwargs)
                          for i in range(0, len(mine), plan.micro_batch_size)]
         # The loss denominator of the whole step over all ranks, known before any backward pass, so
-        # the gradient is independent of micro-batching, accumulation and rank count.
-        global_batches = [collate(rows[i:i + plan.micro_batch_size], **collate_kwargs)
-                          for i in range(0, len(rows), plan.micro_batch_size)]
-        denominator = float(sum(float(local_denominator(b, mode)) for b in global_batches))
+        # the gradient is independent of micro-batching, accumulation and rank count. It is a count
+        # (tokens, sequences or targets), so the all-reduced float64 sum is exact in any order.
+        denominator = float(sum(float(local_denominator(b, mode)) for b in micro_batches))
+        if plan.world_size > 1:
+            denominator = float(accelerator.reduce(torch.tensor(denominator, dtype=torch.float64,
+                                                                device=accelerator.device), reduction="sum"))
         ctx.lr = cfg.optim.lr * lr_at(ctx.step)
         for group in optimizer.param_groups:
             group["lr"] = ctx.lr
