@@ -65,12 +65,12 @@ def naive_scores(model, items: list[ev.RankItem], batch_size: int, pad_id: int) 
         batch = items[start : start + batch_size]
         prompts = [it.prompt_ids for it in batch for _ in it.choice_ids]  # input repeated per choice
         choices = [c for it in batch for c in it.choice_ids]
-        ids, mask = ev._pad(prompts, pad_id)
-        labels, lab_mask = ev._pad(choices, pad_id)
+        ids, mask = ev.pad_sequences(prompts, pad_id)
+        labels, lab_mask = ev.pad_sequences(choices, pad_id)
         logits = model(input_ids=ids, attention_mask=mask, labels=labels.masked_fill(lab_mask == 0, -100),
                        use_cache=False).logits
-        flat = ev._token_logprobs(logits, labels, lab_mask).tolist()
-        for it, scores in zip(batch, ev._split(flat, batch)):
+        flat = ev.token_logprobs(logits, labels, lab_mask).tolist()
+        for it, scores in zip(batch, ev.split_by_item(flat, batch)):
             out[it.index] = scores
     return out
 

@@ -55,7 +55,7 @@ def measure(folder: Path, samples: int) -> dict:
     """Run in a fresh process: build the stream over the files in ``folder`` and time it."""
     import datasets
 
-    from train.mixtures import MemberSpec, MixtureSpec, MixtureStream, RateSpec, plan_mixture
+    from train.data import MemberSpec, MixtureSpec, MixtureStream, RateSpec, plan_mixture
 
     def build():
         dsets = {p.stem: datasets.Dataset.from_file(str(p)) for p in sorted(folder.glob("*.arrow"))}

@@ -34,9 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from train.features import collate, model_forward  # noqa: E402
-from train.losses import token_nll  # noqa: E402
-from train.packing import Packer  # noqa: E402
+from train.data import Packer  # noqa: E402
+from train.modeling import collate, model_forward, token_nll  # noqa: E402
 
 SHARED = Path(os.environ.get("MTF_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared")) / "data"
 # file -> target field (default "label"); a small but varied set of prompt lengths.

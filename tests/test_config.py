@@ -102,8 +102,8 @@ def test_keys_listing_covers_public_names():
 
 
 def test_every_mixture_file_loads_with_its_mixture_section():
-    from train.mixtures import load_mixture_spec
-    from train.tasks import load_task_file
+    from train.data.mixtures import load_mixture_spec
+    from train.data.tasks import load_task_file
 
     files = sorted((REPO / "data_mixtures").glob("*.yaml"))
     assert len(files) >= 8

@@ -20,7 +20,7 @@ def _run(model: Path, **kwargs) -> dict:
     """``run_eval_command`` in this process, with a fresh accelerate state (it creates an Accelerator)."""
     from accelerate.state import AcceleratorState, PartialState
 
-    from train.eval_runner import run_eval_command
+    from train.evaluation.runner import run_eval_command
 
     AcceleratorState._reset_state(True)
     PartialState._reset_state()
@@ -35,7 +35,7 @@ def _run(model: Path, **kwargs) -> dict:
 def _run_mixture(model: Path, mixture: str) -> dict:
     from accelerate.state import AcceleratorState, PartialState
 
-    from train.eval_runner import run_eval_command
+    from train.evaluation.runner import run_eval_command
 
     AcceleratorState._reset_state(True)
     PartialState._reset_state()
@@ -69,7 +69,7 @@ def whole(hf_model) -> dict:
 
 def test_three_shards_merged_equal_the_whole_run(hf_model, whole, tmp_path):
     from train.cli import main
-    from train.eval_runner import merge_results, mixture_pairs
+    from train.evaluation.runner import merge_results, mixture_pairs
 
     pairs = mixture_pairs(DEMO_EVAL)
     accuracies = [row["accuracy"] for row in whole["templates"]["super_glue/copa"].values()]
@@ -144,7 +144,7 @@ def _fake_checkpoint(root: Path, model) -> Path:
 
 
 def test_a_run_checkpoint_scores_like_the_hf_export(hf_model, whole, tmp_path):
-    from train.eval_runner import resolve_model_path
+    from train.evaluation.runner import resolve_model_path
 
     step = _fake_checkpoint(tmp_path, hf_model[1])
     results = _run(step)
@@ -162,7 +162,7 @@ def test_checkpoint_weights_load_whichever_tied_alias_was_kept(hf_model, tmp_pat
     import torch
     from safetensors.torch import save_file
 
-    from train.eval_runner import load_model_for_eval
+    from train.evaluation.runner import load_model_for_eval
 
     model = hf_model[1]
     step = _fake_checkpoint(tmp_path, model)  # safetensors.torch.save_model kept decoder.embed_tokens.weight

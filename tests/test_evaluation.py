@@ -1,4 +1,4 @@
-"""Tests for train/evaluation.py: scores against a direct per-choice computation, batch/padding
+"""Tests for train/evaluation/: scores against a direct per-choice computation, batch/padding
 invariance, skip accounting, aggregation math, generation metrics, and a real 2-process gloo run."""
 
 import json
@@ -18,8 +18,10 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
-from train import eval_results as er
 from train import evaluation as ev
+from train.evaluation import evaluator as evaluator_mod
+from train.evaluation import generation, metrics
+from train.evaluation import results as er
 from train.errors import ConfigError, DataError
 
 TOL = 1e-5
@@ -183,7 +185,7 @@ def test_scores_independent_of_batch_size_budget_and_padding_side(tok, models, k
     assert results[0]["templates"] == results[1]["templates"]
 
 
-class _MoreBatchesElsewhere(ev._DistContext):
+class _MoreBatchesElsewhere(ev.DistContext):
     """Pretends another rank has 3 more batches (ZeRO-3 case): this rank must run dummy batches."""
 
     def max_int(self, value):
@@ -326,7 +328,7 @@ def test_write_results_and_table(tmp_path, tok, models):
 def test_generation_metrics_on_hand_made_example():
     preds = ["The cat sat on the mat.", "paris", "blue sky today"]
     refs = [["the cat sat on the mat"], ["Paris", "City of Light"], ["a red car"]]
-    m = er.generation_metrics(preds, refs, ["exact_match", "f1", "rouge1", "rougeL", "bleu"])
+    m = metrics.generation_metrics(preds, refs, ["exact_match", "f1", "rouge1", "rougeL", "bleu"])
     assert m["exact_match"] == pytest.approx(2 / 3)  # SQuAD normalisation drops case, punctuation, articles
     assert m["f1"] == pytest.approx(2 / 3)
     assert m["rouge1"] == pytest.approx(2 / 3)
@@ -336,11 +338,11 @@ def test_generation_metrics_on_hand_made_example():
     expect = sacrebleu.corpus_bleu(preds, [[r[0] for r in refs], [r[-1] for r in refs]]).score
     assert m["bleu"] == pytest.approx(expect)
     # partial overlap: pred "b c y" vs "b x c d e" -> p=2/3, r=2/5, f1=1/2 (best of the references)
-    assert er.squad_f1("b c y", ["b x c d e", "w"]) == pytest.approx(0.5)
+    assert metrics.squad_f1("b c y", ["b x c d e", "w"]) == pytest.approx(0.5)
     # the article "a" is dropped by normalisation: pred [b, c] -> p=1, r=2/5
-    assert er.squad_f1("a b c", ["b x c d e"]) == pytest.approx(2 * 0.4 / 1.4)
+    assert metrics.squad_f1("a b c", ["b x c d e"]) == pytest.approx(2 * 0.4 / 1.4)
     with pytest.raises(ConfigError, match="unknown generation metric"):
-        er.generation_metrics(["a"], [["a"]], ["meteor"])
+        metrics.generation_metrics(["a"], [["a"]], ["meteor"])
 
 
 @pytest.mark.parametrize("kind,name", [("encdec", "t5"), ("decoder", "llama"), ("prefix_lm", "gpt2")])
@@ -362,12 +364,12 @@ def test_generation_path_matches_one_example_at_a_time(tok, models, kind, name):
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([item.prompt_ids]), attention_mask=torch.zeros(1, 1, p, p),
                            use_cache=False).logits[0, -1]
-        first = ev._greedy_prefix_lm(model, [item.prompt_ids], 1, 0, 1, torch.float32)[0]
+        first = generation._greedy_prefix_lm(model, [item.prompt_ids], 1, 0, 1, torch.float32)[0]
         assert first[:1] == [int(logits.argmax())] or (first == [] and int(logits.argmax()) == 0)
     res = evaluator(model, batch_size=2, max_new_tokens=6)
     row = res["templates"]["gen"]["g"]
     assert row["n"] == 4 and row["metric"] == "exact_match" and row["chance"] is None
-    expect = er.generation_metrics([batched[i] for i in range(4)], [["hello"]] * 4, ["exact_match", "f1", "rouge1"])
+    expect = metrics.generation_metrics([batched[i] for i in range(4)], [["hello"]] * 4, ["exact_match", "f1", "rouge1"])
     assert row["f1"] == pytest.approx(expect["f1"]) and row["rouge1"] == pytest.approx(expect["rouge1"])
     assert er.flatten_for_logging(res)["eval/gen/g/rouge2"] == row["rouge2"]
 
@@ -389,13 +391,13 @@ def _two_process_worker(rank, world, port, out_dir):
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     seen = []
-    real = ev.score_rank_items
+    real = evaluator_mod.score_rank_items
 
     def recording(model, items, *args, **kwargs):
         seen.extend(it.index for it in items)
         return real(model, items, *args, **kwargs)
 
-    ev.score_rank_items = recording
+    evaluator_mod.score_rank_items = recording  # the name the evaluator calls
     tok = ByT5Tokenizer()
     res = ev.evaluate(_t5(), tok, _examples(), kind="encdec", batch_size=2)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:

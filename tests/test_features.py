@@ -22,9 +22,9 @@ from transformers import (
 )
 
 from train.errors import DataError
-from train.features import IGNORE_INDEX, collate, model_forward, reference_target_nll
-from train.losses import per_example_losses, token_nll
-from train.packing import Packer, build_row
+from train.modeling.features import IGNORE_INDEX, collate, model_forward, reference_target_nll
+from train.modeling.losses import per_example_losses, token_nll
+from train.data.packing import Packer, build_row
 
 VOCAB = 128
 CAP = dict(max_input_tokens=24, max_target_tokens=12, max_tokens=32)
@@ -191,7 +191,7 @@ def test_guard_t5_4d_mask_path_still_exact():
         unpacked = sum(reference_target_nll(model, exs[i], "encdec", decoder_start_id=0).mean().item() for i in order)
     assert abs(packed - unpacked) <= 1e-5, (
         f"T5 packed loss {packed} != unpacked {unpacked} with transformers {transformers.__version__}: "
-        "the 4-D mask path of train.features.model_forward no longer isolates segments"
+        "the 4-D mask path of train.modeling.features.model_forward no longer isolates segments"
     )
 
 

@@ -279,14 +279,14 @@ def test_fake_two_node_job_trains_is_preempted_requeues_and_resumes(tmp_path, fa
 
 
 # ------------------------------------------------------------------------------------------ eval shards
-# `mtf eval --shard I/N` + `mtf eval-merge` (train/eval_runner.py), as eval.sbatch / merge_eval.sh use them.
+# `mtf eval --shard I/N` + `mtf eval-merge` (train/evaluation/runner.py), as eval.sbatch / merge_eval.sh use them.
 # No model here: tests/test_eval_runner.py runs a real tiny T5 through the same path.
 
 
 def test_each_eval_shard_is_one_template_of_the_mixture():
     from train.errors import ConfigError
-    from train.eval_runner import load_examples, mixture_pairs, parse_shard, select_pairs
-    from train.tasks import load_task_file
+    from train.evaluation.runner import load_examples, mixture_pairs, parse_shard, select_pairs
+    from train.data.tasks import load_task_file
 
     full = load_task_file(REPO / DEMO_EVAL)
     expected = [(t.metadata.dataset, tpl.name) for t in full.tasks.values() for tpl in t.select_templates()]
@@ -321,8 +321,8 @@ def _row(score: float, n: int = 10) -> dict:
 def _write_shards(folder: Path, rows: dict, count: int, clusters: dict, languages: dict,
                   skip: tuple[int, ...] = ()) -> list[Path]:
     """Shard result files as `mtf eval --shard i/count --output` writes them, for synthetic template rows."""
-    from train.eval_runner import select_pairs
-    from train.eval_results import aggregate
+    from train.evaluation.runner import select_pairs
+    from train.evaluation.results import aggregate
 
     pairs = [(d, t) for d in rows for t in rows[d]]
     paths = []
@@ -344,8 +344,8 @@ def _write_shards(folder: Path, rows: dict, count: int, clusters: dict, language
 
 def test_merging_shards_equals_aggregating_everything_at_once(tmp_path):
     from train.errors import DataError
-    from train.eval_runner import merge_results
-    from train.eval_results import aggregate
+    from train.evaluation.runner import merge_results
+    from train.evaluation.results import aggregate
 
     rows = {"a/x": {"t1": _row(0.6), "t2": _row(0.7), "t3": _row(0.9)}, "b": {"u1": _row(0.3), "u2": _row(0.5)}}
     clusters, languages = {"a/x": "nli", "b": "coref"}, {"a/x": "en", "b": "fr"}
@@ -378,7 +378,7 @@ def test_merging_shards_equals_aggregating_everything_at_once(tmp_path):
 
 
 def _demo_rows() -> dict:
-    from train.eval_runner import mixture_pairs
+    from train.evaluation.runner import mixture_pairs
 
     pairs = mixture_pairs(str(REPO / DEMO_EVAL))
     return {"super_glue/copa": {t: _row(0.5 + i / 100) for i, (_, t) in enumerate(pairs)}}
@@ -389,7 +389,7 @@ DEMO_CLUSTERS = ({"super_glue/copa": "sentence_completion"}, {"super_glue/copa":
 
 def test_merge_names_a_missing_shard(tmp_path):
     from train.errors import DataError
-    from train.eval_runner import merge_results
+    from train.evaluation.runner import merge_results
 
     paths = _write_shards(tmp_path, _demo_rows(), 12, *DEMO_CLUSTERS, skip=(2,))
     with pytest.raises(DataError, match=r"missing 1 of 12 \(dataset, template\) pairs of .*demo_eval.yaml: "
@@ -407,7 +407,7 @@ def test_merge_names_a_missing_shard(tmp_path):
 
 
 def test_eval_array_element_runs_mtf_eval_on_its_shard_and_merge_script_aggregates(tmp_path):
-    from train.eval_runner import merge_results
+    from train.evaluation.runner import merge_results
 
     model, out = tmp_path / "model", tmp_path / "eval"
     model.mkdir()

@@ -11,9 +11,9 @@ import torch.multiprocessing as mp
 from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
 from train.errors import ConfigError
-from train.features import IGNORE_INDEX, collate, model_forward
-from train.losses import MODES, local_denominator, local_numerator, per_example_losses, scaled_loss, token_nll
-from train.packing import Packer
+from train.modeling.features import IGNORE_INDEX, collate, model_forward
+from train.modeling.losses import MODES, local_denominator, local_numerator, per_example_losses, scaled_loss, token_nll
+from train.data.packing import Packer
 
 VOCAB = 64
 MAX_TOKENS = 24

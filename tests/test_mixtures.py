@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from scipy.stats import chisquare
 
-from train import mixtures
+from train.data import mixtures
 from train.errors import ConfigError, DataError
-from train.mixture_report import format_mixture_report, mixture_report, plot_mixture_report
-from train.mixtures import MixtureStream, count_examples, load_mixture_spec, plan_mixture
+from train.data.mixture_report import format_mixture_report, mixture_report, plot_mixture_report
+from train.data.mixtures import MixtureStream, count_examples, load_mixture_spec, plan_mixture
 
 
 def _tokenized(task, n, templates=None, seed=0):

@@ -6,7 +6,7 @@ import random
 import pytest
 
 from train.errors import ConfigError, DataError
-from train.packing import Packer, build_row
+from train.data.packing import Packer, build_row
 
 
 def make_examples(n: int, seed: int = 0, max_in: int = 20, max_tgt: int = 8) -> list[dict]:
@@ -23,7 +23,7 @@ def make_examples(n: int, seed: int = 0, max_in: int = 20, max_tgt: int = 8) -> 
 
 
 class ResumableList:
-    """A minimal resumable stream (what train.mixtures provides): position in a list."""
+    """A minimal resumable stream (what train.data.mixtures provides): position in a list."""
 
     def __init__(self, items: list[dict]) -> None:
         self.items, self.pos = items, 0

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from train.config import load_config
-from train.trainer import plan_batch
+from train.loop.trainer import plan_batch
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""Tests for train/tasks.py and train/preprocessors.py: task YAML, sources, overrides, rendering, guards."""
+"""Tests for train/data/tasks.py and train/data/preprocessors.py: task YAML, sources, overrides, rendering, guards."""
 
 import csv
 import json
@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from train import preprocessors as pp
+from train.data import preprocessors as pp
 from train.errors import ConfigError, DataError, TemplateError
-from train.tasks import (PROMPTED_FEATURES, TaskRegistry, check_held_out, lint_data, load_task_file,
+from train.data.tasks import (PROMPTED_FEATURES, TaskRegistry, check_held_out, lint_data, load_task_file,
                          normalize_dataset_name, preview)
-from train.templates import format_lint_report, lint_templates
+from train.data.templates import format_lint_report, lint_templates
 
 from conftest import REPO_ROOT, requires_shared
 
@@ -411,7 +411,7 @@ tasks:
 def test_rows_preprocessor_keeps_schema_when_a_whole_batch_explodes_to_nothing():
     import datasets
 
-    from train.tasks import _preprocess_batch
+    from train.data.tasks import _preprocess_batch
 
     ds = datasets.Dataset.from_list([{"k": i, "s": [] if i < 3 else [i * 10]} for i in range(5)])
     out = ds.map(_preprocess_batch, batched=True, batch_size=2, with_indices=True, remove_columns=ds.column_names,

@@ -1,4 +1,4 @@
-"""Tests for train/templates.py: safe loading, golden renders, seeded `choice`, sandbox, errors, lint."""
+"""Tests for train/data/templates.py: safe loading, golden renders, seeded `choice`, sandbox, errors, lint."""
 
 import subprocess
 import sys
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from train.errors import TemplateError
-from train.templates import (PIPE_PROTECTOR, MissingFieldError, Template, format_lint_report,
+from train.data.templates import (PIPE_PROTECTOR, MissingFieldError, Template, format_lint_report,
                              lint_templates, load_templates, parse_templates)
 
 from conftest import REPO_ROOT, requires_shared
@@ -143,7 +143,7 @@ def test_choice_is_deterministic_per_example_and_varies_across_examples():
 def test_choice_is_identical_in_a_fresh_interpreter():
     here = [_CHOICE.render({}, seed_key=i).inputs for i in range(5)]
     code = textwrap.dedent("""
-        from train.templates import Template
+        from train.data.templates import Template
         t = Template(id="c1", name="pick", dataset="demo/x",
                      jinja="{{ ['a', 'b', 'c', 'd', 'e', 'f', 'g', 'h'] | choice }} {{ range(100) | random }} ||| t")
         print(repr([t.render({}, seed_key=i).inputs for i in range(5)]))

@@ -10,7 +10,7 @@ import pytest
 from transformers import AutoTokenizer, ByT5Tokenizer
 
 from train.errors import ConfigError, DataError
-from train.tokenization import tokenize_prompted, tokenizer_fingerprint
+from train.data.tokenization import tokenize_prompted, tokenizer_fingerprint
 
 # Published T5 ids (T5 docs / paper example), without and with the eos (id 1).
 T5_INPUT = "translate English to German: The house is wonderful."
@@ -77,7 +77,7 @@ def test_errors_name_the_problem(byt5):
 
 def test_tokenizer_fingerprint_is_stable_across_processes(byt5):
     code = (
-        "from transformers import ByT5Tokenizer; from train.tokenization import tokenizer_fingerprint;"
+        "from transformers import ByT5Tokenizer; from train.data.tokenization import tokenizer_fingerprint;"
         "print(tokenizer_fingerprint(ByT5Tokenizer()))"
     )
     root = Path(__file__).resolve().parents[1]
@@ -90,7 +90,7 @@ def test_tokenizer_fingerprint_is_stable_across_processes(byt5):
 
 
 def _render(example, template):
-    """A stand-in for train.tasks' template rendering: the template string decides the prompt."""
+    """A stand-in for train.data.tasks' template rendering: the template string decides the prompt."""
     return {"inputs": template.format(**example), "targets": [example["label"]]}
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import FAST
-from train.checkpointing import MARKER, find_resume_checkpoint, list_complete
+from train.loop.checkpointing import MARKER, find_resume_checkpoint, list_complete
 from train.errors import EXIT_PREEMPTED
 
 REPO = Path(__file__).resolve().parents[1]
@@ -137,10 +137,10 @@ def test_sigterm_checkpoints_and_exits_with_the_preemption_code(tmp_path):
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     from accelerate.state import AcceleratorState, PartialState
 
-    import train.losses as losses_mod
+    import train.modeling.losses as losses_mod
     from train.config import load_config
     from train.errors import TrainingError
-    from train.trainer import train as run_training
+    from train.loop.trainer import train as run_training
 
     monkeypatch.chdir(REPO)
     real = losses_mod.local_numerator
@@ -188,7 +188,7 @@ def test_export_reloads_with_from_pretrained(tmp_path):
     for name, tensor in trained.items():
         assert torch.equal(exported[name], tensor), name
     # and it computes the same logits as the trained model rebuilt from the checkpoint
-    from train.eval_runner import load_model_for_eval
+    from train.evaluation.runner import load_model_for_eval
 
     rebuilt, _, kind = load_model_for_eval(str(list_complete(run)[-1]))
     assert kind == "encdec"
@@ -273,7 +273,7 @@ def test_max_time_stops_cleanly_with_a_checkpoint_and_the_switches_work(tmp_path
 
 
 def test_mfu_estimate():
-    from train.loggers import estimate_mfu
+    from train.loop.loggers import estimate_mfu
 
     assert estimate_mfu(6e9, 1000.0, 8, None) is None
     assert estimate_mfu(6e9, 1000.0, 2, 3.0) == pytest.approx(6e9 * 1000 / (2 * 3e12))

@@ -45,7 +45,7 @@ def _print_json(data: Any) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from train.config import load_config
-    from train.trainer import train
+    from train.loop.trainer import train
 
     cfg = load_config(args.config, args.overrides)
     summary = train(cfg)
@@ -70,14 +70,14 @@ def _print_train_summary(summary: dict) -> None:
         print(f"[mtf] stopped early ({summary['stop_reason']}); a checkpoint was written. "
               "Run the same command again (trainer.resume=auto) to continue.")
     if summary.get("eval"):
-        from train.eval_results import format_results_table
+        from train.evaluation.results import format_results_table
 
         print("\nZero-shot evaluation (held-out tasks):")
         print(format_results_table(summary["eval"]))
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from train.validation import validate_run
+    from train.loop.validation import validate_run
 
     report = validate_run(args.config, args.overrides)
     if args.json:
@@ -92,7 +92,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from train.eval_runner import count_shards, run_eval_command
+    from train.evaluation.runner import count_shards, run_eval_command
 
     if args.count_shards:
         count = count_shards(args.mixture)
@@ -109,15 +109,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.json:
             _print_json(results)
         else:
-            from train.eval_results import format_results_table
+            from train.evaluation.results import format_results_table
 
             print(format_results_table(results))
     return EXIT_OK
 
 
 def cmd_eval_merge(args: argparse.Namespace) -> int:
-    from train.eval_runner import merge_results
-    from train.eval_results import format_results_table, write_results
+    from train.evaluation.runner import merge_results
+    from train.evaluation.results import format_results_table, write_results
 
     results = merge_results(args.shards, mixture=args.mixture)
     if args.output:
@@ -130,8 +130,8 @@ def cmd_eval_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_templates_lint(args: argparse.Namespace) -> int:
-    from train.tasks import lint_data
-    from train.templates import format_lint_report, lint_templates
+    from train.data.tasks import lint_data
+    from train.data.templates import format_lint_report, lint_templates
 
     data = lint_data(args.data) if args.data else None
     report = lint_templates([Path(p) for p in args.paths], data=data)
@@ -144,7 +144,7 @@ def cmd_templates_lint(args: argparse.Namespace) -> int:
 
 def cmd_tasks_preview(args: argparse.Namespace) -> int:
     from train.errors import ConfigError
-    from train.tasks import load_task_file, preview
+    from train.data.tasks import load_task_file, preview
 
     path, _, task_name = args.target.partition(":") if not Path(args.target).exists() else (args.target, "", "")
     task_file = load_task_file(path)
@@ -167,7 +167,7 @@ def cmd_tasks_preview(args: argparse.Namespace) -> int:
 
 
 def cmd_mixture_show(args: argparse.Namespace) -> int:
-    from train.mixture_report import format_mixture_report, show_mixture
+    from train.data.mixture_report import format_mixture_report, show_mixture
 
     report = show_mixture(args.mixture, steps=args.steps, batch_tokens=args.batch_tokens, tokenizer=args.tokenizer,
                           kind=args.kind, samples=args.samples, plot=args.plot, seed=args.seed,

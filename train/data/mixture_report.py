@@ -1,7 +1,7 @@
 """``mtf mixture show``: what a mixture will feed the model, planned and measured.
 
 Per task: examples (after prompting and tokenizing), planned rate, share of samples realised by the real
-:class:`~train.mixtures.MixtureStream`, mean tokens per example, share of tokens, and the expected number
+:class:`~train.data.mixtures.MixtureStream`, mean tokens per example, share of tokens, and the expected number
 of epochs for a given training length, flagging tasks repeated more than ``REPEAT_WARNING_EPOCHS`` times
 (data-constrained scaling laws). Optionally a bar chart.
 """
@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from train.errors import ConfigError
-from train.mixtures import REPEAT_WARNING_EPOCHS, MixturePlan, MixtureStream, count_examples, plan_mixture
+from train.data.mixtures import REPEAT_WARNING_EPOCHS, MixturePlan, MixtureStream, count_examples, plan_mixture
 
 
 # --------------------------------------------------------------------------------------------------
@@ -185,16 +185,16 @@ def show_mixture(
         tokenizer: a tokenizer, or a folder for ``AutoTokenizer.from_pretrained``.
         kind: model kind (decides eos / leading-space handling, hence token counts).
         plot: write :func:`plot_mixture_report`'s PNG here.
-        cache_dir, data_root, max_examples_per_task: passed to train.tasks.
+        cache_dir, data_root, max_examples_per_task: passed to train.data.tasks.
 
     Returns:
         The :func:`mixture_report` dict.
 
     Raises:
-        ConfigError / DataError: as :func:`load_mixture_spec`, :func:`plan_mixture` and train.tasks.
+        ConfigError / DataError: as :func:`load_mixture_spec`, :func:`plan_mixture` and train.data.tasks.
     """
-    from train.data import load_mixture_tasks
-    from train.tokenization import tokenize_prompted
+    from train.data.pipeline import load_mixture_tasks
+    from train.data.tokenization import tokenize_prompted
 
     if tokenizer is None or isinstance(tokenizer, (str, Path)):
         from transformers import AutoTokenizer

@@ -487,7 +487,7 @@ def lint_templates(paths: Sequence[str | Path],
     Args:
         paths: templates.yaml files or folders (searched recursively for templates.yaml).
         data: optional rows in the HF schema, keyed by dataset name (``"super_glue/rte"``) or by the
-            resolved path of a templates file. ``train.tasks.lint_data(task_file)`` builds this from tasks.
+            resolved path of a templates file. ``train.data.tasks.lint_data(task_file)`` builds this from tasks.
         max_rows: render at most this many rows per dataset.
         max_field_chars: as in :meth:`Template.render`.
 

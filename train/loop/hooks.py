@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from train import checkpointing
+from train.loop import checkpointing
 from train.config import Config
-from train.loggers import MetricLoggers, estimate_mfu
+from train.loop.loggers import MetricLoggers, estimate_mfu
 
 
 @dataclass
@@ -199,7 +199,7 @@ class EvalHook:
 
     def _evaluator(self, ctx: TrainContext, cap: Optional[int]):
         if cap not in self.evaluators:
-            from train.evaluation import ZeroShotEvaluator
+            from train.evaluation.evaluator import ZeroShotEvaluator
 
             examples, clusters, languages = self.eval_set
             self.evaluators[cap] = ZeroShotEvaluator(ctx.tokenizer, examples, kind=ctx.kind, metrics=None, clusters=clusters,
@@ -210,7 +210,7 @@ class EvalHook:
     def run(self, ctx: TrainContext, final: bool) -> Optional[dict]:
         if not self.eval_set:
             return None
-        from train import eval_results
+        from train.evaluation import results as eval_results
 
         cap = self.cfg.final_max_examples_per_template if final else self.cfg.max_examples_per_template
         results = self._evaluator(ctx, cap)(ctx.model, accelerator=ctx.accelerator, batch_size=self.cfg.batch_size)
@@ -229,7 +229,7 @@ class EvalHook:
     def _track_best(self, ctx: TrainContext, results: dict) -> None:
         if not self.cfg.best_metric:
             return
-        from train import eval_results
+        from train.evaluation import results as eval_results
 
         value = eval_results.flatten_for_logging(results).get(self.cfg.best_metric)
         if value is None:

@@ -105,7 +105,7 @@ def tokenize_prompted(
     if missing:
         raise DataError(
             f"cannot tokenize: the dataset has no {', '.join(missing)} column(s) (has: "
-            f"{', '.join(dataset.column_names)}). Tokenize prompted examples from train.tasks."
+            f"{', '.join(dataset.column_names)}). Tokenize prompted examples from train.data.tasks."
         )
     eos_id = tokenizer.eos_token_id
     if eos_id is None:

@@ -1,7 +1,7 @@
 """The training data pipeline, assembled: mixture file -> tasks -> prompted -> tokenized -> stream -> packer.
 
-Each stage lives in its own module (:mod:`train.tasks`, :mod:`train.tokenization`, :mod:`train.mixtures`,
-:mod:`train.packing`); this module only wires them in order from a run config, and loads the eval
+Each stage lives in its own module (:mod:`train.data.tasks`, :mod:`train.data.tokenization`, :mod:`train.data.mixtures`,
+:mod:`train.data.packing`); this module only wires them in order from a run config, and loads the eval
 mixture's prompted examples for the eval hook. The held-out guard runs here, before any tokenization.
 """
 
@@ -13,7 +13,6 @@ from typing import Any, Optional
 
 from train.config import Config
 from train.errors import ConfigError, DataError
-from train.models import ModelInfo
 
 
 def _mixture_files(spec: Any) -> list[Path]:
@@ -27,8 +26,8 @@ def _mixture_files(spec: Any) -> list[Path]:
 
 def load_mixture_tasks(path: str | Path, *, data_root: Optional[str] = None) -> tuple[Any, dict]:
     """(mixture spec, every task defined by the mixture file and its nested mixtures' files)."""
-    from train.mixtures import load_mixture_spec
-    from train.tasks import load_task_file
+    from train.data.mixtures import load_mixture_spec
+    from train.data.tasks import load_task_file
 
     spec = load_mixture_spec(path)
     tasks: dict = {}
@@ -49,7 +48,7 @@ def load_train_tasks(cfg: Config) -> tuple[Any, dict]:
 
 
 def load_eval_file(path: str, cfg: Optional[Config] = None) -> Any:
-    from train.tasks import load_task_file
+    from train.data.tasks import load_task_file
 
     return load_task_file(path, data_root=cfg.data.data_root if cfg else None)
 
@@ -71,7 +70,7 @@ def held_out_of(eval_file: Any) -> tuple[list[str], list[str]]:
 
 def load_eval_examples(mixture: str, *, data_root: Optional[str] = None, cache_dir: Optional[str] = None) -> tuple[list[dict], dict, dict]:
     """(prompted examples, dataset -> cluster, dataset -> language) of every task of an eval mixture."""
-    from train.tasks import load_task_file
+    from train.data.tasks import load_task_file
 
     task_file = load_task_file(mixture, data_root=data_root)
     examples: list[dict] = []
@@ -89,7 +88,7 @@ def load_eval_examples(mixture: str, *, data_root: Optional[str] = None, cache_d
     return examples, clusters, languages
 
 
-def build_training_data(cfg: Config, tokenizer: Any, info: ModelInfo, accelerator: Any = None) -> tuple[Any, Any, Optional[list]]:
+def build_training_data(cfg: Config, tokenizer: Any, kind: str, accelerator: Any = None) -> tuple[Any, Any, Optional[list]]:
     """The global mixture stream, a packer, and the eval set (None without ``eval.mixture``).
 
     The eval set is (prompted examples, dataset -> cluster, dataset -> language), see
@@ -102,10 +101,10 @@ def build_training_data(cfg: Config, tokenizer: Any, info: ModelInfo, accelerato
         ConfigError: unknown tasks, held-out overlap, bad rates.
         DataError: unreadable data, templates that fail on most rows, tasks with no examples.
     """
-    from train.mixtures import MixtureStream, count_examples, plan_mixture
-    from train.packing import Packer
-    from train.tasks import check_held_out
-    from train.tokenization import tokenize_prompted
+    from train.data.mixtures import MixtureStream, count_examples, plan_mixture
+    from train.data.packing import Packer
+    from train.data.tasks import check_held_out
+    from train.data.tokenization import tokenize_prompted
 
     spec, tasks = load_train_tasks(cfg)
     eval_file = load_eval_file(cfg.eval.mixture, cfg) if cfg.eval.mixture else None
@@ -120,12 +119,12 @@ def build_training_data(cfg: Config, tokenizer: Any, info: ModelInfo, accelerato
         tokenized = {}
         for name, task in tasks.items():
             prompted = task.prompted(cfg.data.max_examples_per_task, cache_dir=cfg.data.cache_dir)
-            tokenized[name] = tokenize_prompted(prompted, tokenizer, info.kind, num_proc=cfg.data.num_proc)
+            tokenized[name] = tokenize_prompted(prompted, tokenizer, kind, num_proc=cfg.data.num_proc)
         evaluation = (load_eval_examples(cfg.eval.mixture, data_root=cfg.data.data_root, cache_dir=cfg.data.cache_dir)
                       if eval_file is not None else None)
     plan = plan_mixture(spec, count_examples(tokenized))
     stream = MixtureStream.from_plan(plan, tokenized, seed=cfg.trainer.seed)
-    packer = Packer(info.kind, max_input_tokens=cfg.data.max_input_tokens, max_target_tokens=cfg.data.max_target_tokens,
+    packer = Packer(kind, max_input_tokens=cfg.data.max_input_tokens, max_target_tokens=cfg.data.max_target_tokens,
                     max_tokens=cfg.data.max_tokens, pack=cfg.data.packing, window=cfg.data.pack_window,
                     overlong_policy=cfg.data.overlong)
     return stream, packer, evaluation

@@ -1,7 +1,7 @@
 """Exact packing: tokenized examples -> fixed-capacity rows with segment ids and per-segment positions.
 
 Several short examples share one row; each keeps its own segment id (1, 2, ...; 0 is padding, added
-later by :mod:`train.features`) and its own positions (restarting at 0). The feature converter turns
+later by :mod:`train.modeling.features`) and its own positions (restarting at 0). The feature converter turns
 segment ids into block-diagonal attention masks, so packed training computes exactly what unpacked
 training computes, only with less padding.
 

@@ -41,17 +41,17 @@ def validate_run(config_path: str, overrides: list[str]) -> dict[str, Any]:
         checks.append(label)
         return result
 
-    from train import data as data_mod
+    from train.data import pipeline
 
-    loaded = attempt(f"train mixture {cfg.data.train_mixture} resolves", lambda: data_mod.load_train_tasks(cfg))
+    loaded = attempt(f"train mixture {cfg.data.train_mixture} resolves", lambda: pipeline.load_train_tasks(cfg))
     eval_file = None
     if cfg.eval.mixture:
-        eval_file = attempt(f"eval mixture {cfg.eval.mixture} resolves", lambda: data_mod.load_eval_file(cfg.eval.mixture, cfg))
+        eval_file = attempt(f"eval mixture {cfg.eval.mixture} resolves", lambda: pipeline.load_eval_file(cfg.eval.mixture, cfg))
     if loaded and eval_file is not None:
-        from train.tasks import check_held_out
+        from train.data.tasks import check_held_out
 
         def guard():
-            held, clusters = data_mod.held_out_of(eval_file)
+            held, clusters = pipeline.held_out_of(eval_file)
             check_held_out(loaded[1].values(), held, clusters, allow=cfg.eval.allow_held_out_overlap)
 
         attempt("held-out guard: training does not contain eval datasets", guard)
@@ -61,7 +61,7 @@ def validate_run(config_path: str, overrides: list[str]) -> dict[str, Any]:
     for name, task in tasks.items():
         attempt(f"task {name}: templates render on {PREVIEW_ROWS} rows", lambda task=task: _render_check(task))
 
-    from train.models import load_model_config, load_tokenizer, model_info
+    from train.modeling.models import load_model_config, load_tokenizer, model_info
 
     model_config = attempt("model config loads", lambda: load_model_config(cfg.model))
     tokenizer = attempt("tokenizer loads", lambda: load_tokenizer(cfg.model))

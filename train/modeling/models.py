@@ -3,7 +3,7 @@
 Encoder-decoder models (T5, mT5) load through ``AutoModelForSeq2SeqLM``, decoders through
 ``AutoModelForCausalLM``. The kind is explicit in the run config (``model.kind``) or inferred from
 the model config's ``is_encoder_decoder``. ``prefix_lm`` is a decoder trained and evaluated with a
-bidirectional mask over the input (see :mod:`train.features`).
+bidirectional mask over the input (see :mod:`train.modeling.features`).
 """
 
 from __future__ import annotations

@@ -10,11 +10,11 @@ A task file (``data_mixtures/*.yaml``) looks like::
         # json/jsonl/csv/parquet also take `fields: [a, b]` (records stored as positional lists) and
         # `join: {type: jsonl, data_files: other.jsonl, key: id}` (add the fields of the matching row).
         split: validation
-        preprocessors: [{name: rename, args: {mapping: {old: new}}}]   # train.preprocessors, in order
+        preprocessors: [{name: rename, args: {mapping: {old: new}}}]   # train.data.preprocessors, in order
         templates: {file: templates/super_glue/copa/templates.yaml, names: null, original_task: true,
                     choices_in_prompt: null, languages: [en]}
         metadata: {dataset: super_glue/copa, cluster: sentence_completion, language: en}
-    mixture: ...                         # owned by train.mixtures: kept untouched in TaskFile.sections
+    mixture: ...                         # owned by train.data.mixtures: kept untouched in TaskFile.sections
     eval: ...                            # owned by the eval module: kept untouched
 
 Paths. Every relative path in a task file (``data_files``, ``templates.file``, ``include``) resolves
@@ -55,8 +55,8 @@ import datasets
 import yaml
 
 from train.errors import ConfigError, DataError, TemplateError
-from train.preprocessors import PREPROCESSORS, PreprocessorRegistry
-from train.templates import (SKIP_MISSING_FIELD, SKIP_RENDER_ERROR, TEXT_VAR_LENGTH, Template,
+from train.data.preprocessors import PREPROCESSORS, PreprocessorRegistry
+from train.data.templates import (SKIP_MISSING_FIELD, SKIP_RENDER_ERROR, TEXT_VAR_LENGTH, Template,
                              TemplateMetadata, load_templates)
 
 DATA_ROOT_ENV = "MTF_DATA_ROOT"
@@ -807,7 +807,7 @@ def preview(task_or_file: Union[Task, TaskFile, str, Path], n: int = 3, *,
 def lint_data(task_file: Union[TaskFile, str, Path], max_examples: Optional[int] = 200,
               **load_kwargs: Any) -> dict[str, list[dict]]:
     """Preprocessed rows of every loadable task, keyed by resolved templates-file path, for
-    :func:`train.templates.lint_templates` (``mtf templates lint PATH --data TASK_FILE``).
+    :func:`train.data.templates.lint_templates` (``mtf templates lint PATH --data TASK_FILE``).
 
     Tasks whose data cannot be loaded here (e.g. hub sources offline) are left out.
     """

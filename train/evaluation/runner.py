@@ -43,7 +43,7 @@ def mixture_pairs(mixture: str) -> list[Pair]:
     Raises:
         ConfigError / TemplateError: the mixture or one of its template files does not load.
     """
-    from train.tasks import load_task_file
+    from train.data.tasks import load_task_file
 
     pairs: dict[Pair, None] = {}  # an ordered set: ANLI's three rounds share ("anli", template) pairs
     for task in load_task_file(mixture).tasks.values():
@@ -104,7 +104,7 @@ def load_examples(mixture: str, pairs: Optional[list[Pair]] = None) -> tuple[lis
         ConfigError / DataError: the mixture does not load or yields no example.
     """
     from train.data import load_eval_examples
-    from train.tasks import load_task_file
+    from train.data.tasks import load_task_file
 
     if pairs is None:
         return load_eval_examples(mixture)
@@ -184,7 +184,7 @@ def _load_from_checkpoint(path: Path, kind: str, tokenizer: Optional[str]) -> tu
     from safetensors.torch import load_file
 
     from train.config import Config, _build, read_yaml
-    from train.models import build_model, infer_kind, load_model_config, load_tokenizer
+    from train.modeling.models import build_model, infer_kind, load_model_config, load_tokenizer
 
     run_config = path.parent.parent / "config.yaml"
     if not run_config.exists():
@@ -240,7 +240,7 @@ def run_eval_command(*, model_dir: str, mixture: str, kind: str = "auto", tokeni
     """Evaluate ``model_dir`` on ``mixture`` (or on shard ``"I/N"`` of its pairs).
 
     Returns:
-        The results (see :func:`train.eval_results.aggregate`) with ``meta.model``, ``meta.mixture`` and
+        The results (see :func:`train.evaluation.results.aggregate`) with ``meta.model``, ``meta.mixture`` and
         ``meta.shard`` (``{"index", "count", "pairs": [[dataset, template], ...]}``, None unsharded) on the
         main process; None on the others. Written to ``output`` when given.
 
@@ -251,7 +251,7 @@ def run_eval_command(*, model_dir: str, mixture: str, kind: str = "auto", tokeni
     import torch
     from accelerate import Accelerator
 
-    from train.eval_results import write_results
+    from train.evaluation.results import write_results
     from train.evaluation import evaluate
 
     # Check the shard and the model path before rendering anything: a wrong array fails in seconds.
@@ -354,7 +354,7 @@ def _check_complete(owner: dict[Pair, str], shard_file: dict[int, str], count: O
 def merge_results(paths: list[str], mixture: Optional[str] = None) -> dict:
     """Combine shard result files (``mtf eval --shard``) into the document one unsharded ``mtf eval`` writes.
 
-    Template rows are re-aggregated with :func:`train.eval_results.aggregate` (per-dataset medians, cluster
+    Template rows are re-aggregated with :func:`train.evaluation.results.aggregate` (per-dataset medians, cluster
     and language means), keeping each dataset's cluster and language.
 
     Args:
@@ -372,7 +372,7 @@ def merge_results(paths: list[str], mixture: Optional[str] = None) -> dict:
             different sizes; a pair (or shard) is missing (the message names the pairs and the array
             indices to rerun) or does not belong to ``mixture``.
     """
-    from train.eval_results import aggregate
+    from train.evaluation.results import aggregate
 
     if not paths:
         raise ConfigError("eval-merge: no shard result files given; pass OUT/shards/shard-*.json.")

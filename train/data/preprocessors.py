@@ -1,7 +1,7 @@
 """Small, pure preprocessors that turn a source row into the HF schema a PromptSource template expects.
 
 Two kinds, both bound from task YAML by name (``preprocessors: [{name: rename, args: {...}}]``) and applied
-in order by :mod:`train.tasks`:
+in order by :mod:`train.data.tasks`:
 
 * ``example`` preprocessors: ``fn(example: dict, **args) -> dict`` (one row in, one row out);
 * ``rows`` preprocessors: ``fn(example: dict, **args) -> list[dict]`` (one row in, zero or more out), e.g.

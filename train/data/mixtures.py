@@ -1,6 +1,6 @@
 """Mixtures: sampling rates from a mixture YAML, and a seeded, resumable, shardable stream of examples.
 
-A mixture file holds a ``mixture:`` section (this module) next to ``tasks:`` / ``include:`` (train/tasks.py)::
+A mixture file holds a ``mixture:`` section (this module) next to ``tasks:`` / ``include:`` (train/data/tasks.py)::
 
     mixture:
       rate: {type: examples_proportional, maximum: 500000}
@@ -231,7 +231,7 @@ def load_mixture_spec(path: str | Path, _stack: tuple[Path, ...] = ()) -> Mixtur
         chain = " -> ".join(str(p) for p in (*_stack, path))
         raise ConfigError(f"{path}: nested mixtures form a cycle: {chain}. Remove one of these includes.")
     raw = _read_yaml(path, str(_stack[-1]) if _stack else "mixture")
-    # other top-level sections (tasks, include, eval, ...) belong to train/tasks.py, which validates them
+    # other top-level sections (tasks, include, eval, ...) belong to train/data/tasks.py, which validates them
     if "mixture" not in raw:
         raise ConfigError(f"{path}: no 'mixture:' section (needs 'rate' and 'members').")
     section = raw["mixture"]
@@ -443,7 +443,7 @@ class _TokenColumns:
             if column not in dataset.column_names:
                 raise DataError(
                     f"task '{task}': the dataset has no '{column}' column; tokenize it first "
-                    "(train.tokenization.tokenize_prompted)."
+                    "(train.data.tokenization.tokenize_prompted)."
                 )
         # A filtered/selected dataset keeps an indices mapping over its table; materialise it once so
         # row numbers below are the dataset's own row numbers.

@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 
 from train.errors import ConfigError
-from train.features import IGNORE_INDEX
+from train.modeling.features import IGNORE_INDEX
 
 MODES = ("token_mean", "sequence_mean", "target_mean", "sum")
 

@@ -18,12 +18,18 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
-from train import checkpointing
 from train.config import Config, save_config, to_dict
+from train.data import pipeline
 from train.errors import ConfigError, TrainingError
-from train.hooks import CheckpointHook, EvalHook, LoggingHook, PreemptionHook, TrainContext
+from train.loop import checkpointing
+from train.loop.hooks import CheckpointHook, EvalHook, LoggingHook, PreemptionHook, TrainContext
+from train.modeling import losses
+from train.modeling.features import collate, model_forward
+from train.modeling.models import ModelInfo, build_model, load_model_config, load_tokenizer, model_info
+
+T5_FAMILY = ("t5", "mt5", "umt5", "longt5", "switch_transformers")  # overflow in fp16
 
 
 @dataclass
@@ -151,77 +157,25 @@ def train(cfg: Config) -> dict:
         Preempted: a stop requested by a signal or ``trainer.max_time``, after a checkpoint.
     """
     import torch
-    from accelerate.utils import set_seed
 
-    from train import data as data_mod
-    from train.features import collate, model_forward
-    from train.losses import local_denominator, local_numerator, scaled_loss, token_nll
-    from train.models import build_model, load_model_config, load_tokenizer, model_info
-
-    # ---- model description, tokenizer and batch plan (cheap; fail before any heavy work)
-    model_config = load_model_config(cfg.model)
-    tokenizer = load_tokenizer(cfg.model)
-    info = model_info(cfg.model, model_config, tokenizer)
-    if cfg.trainer.precision == "fp16" and info.model_type in ("t5", "mt5", "umt5", "longt5", "switch_transformers"):
-        # The name-based check in config.validate misses renamed checkpoints; the model type does not.
-        raise ConfigError(f"`trainer.precision=fp16` with a {info.model_type} model: T5 overflows in fp16 and produces NaN "
-                          "losses (t5#539, transformers#9295). Use `trainer.precision=bf16` (or fp32).")
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    plan = plan_batch(cfg, info.kind, world_size)
-    accelerator = make_accelerator(cfg, plan)
-    if accelerator.num_processes != world_size:
-        raise TrainingError(f"WORLD_SIZE says {world_size} ranks but accelerate started {accelerator.num_processes}; "
-                            "on CPU launch with `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N`.")
-    rank = accelerator.process_index
-    output_dir = Path(cfg.run.output_dir)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, output_dir / "config.yaml")
-        accelerator.print(f"[mtf] {plan.describe()}; model kind {info.kind}; device {accelerator.device}")
-
+    # ---- model description, tokenizer, batch plan, accelerator (cheap; fail before any heavy work)
+    run = setup_run(cfg)
+    plan, accelerator, kind = run.plan, run.accelerator, run.info.kind
     # ---- data: mixture stream -> packer (global, identical on every rank)
-    stream, packer, eval_set = data_mod.build_training_data(cfg, tokenizer, info, accelerator)
-
-    # ---- model and optimizer
-    set_seed(cfg.trainer.seed)
-    model = build_model(cfg.model, model_config, info.kind)
-    optimizer = build_optimizer(cfg, model)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    # The learning rate is a pure function of the step, set on the (possibly DeepSpeed-wrapped)
-    # optimizer's param groups before each step: nothing to checkpoint, nothing to drift on resume,
-    # and no scheduler object for DeepSpeed's ZeRO-3 wrapper to break.
+    stream, packer, eval_set = pipeline.build_training_data(cfg, run.tokenizer, kind, accelerator)
+    # ---- model and optimizer; the LR is a pure function of the step (see set_lr)
+    model, optimizer = prepare_model(cfg, run)
     lr_at = lr_lambda(cfg)
+    ctx = TrainContext(cfg=cfg, accelerator=accelerator, model=model, tokenizer=run.tokenizer, kind=kind)
+    ctx.flops_per_token = 6.0 * sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
+    resume(cfg, ctx, stream, packer, run.output_dir)
+    ctx.trainer_state = lambda: trainer_state(cfg, ctx, stream, packer)
 
-    ctx = TrainContext(cfg=cfg, accelerator=accelerator, model=model, tokenizer=tokenizer, kind=info.kind)
-    n_params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
-    ctx.flops_per_token = 6.0 * n_params
-
-    # ---- resume
-    resume_from = checkpointing.find_resume_checkpoint(cfg.trainer.resume, output_dir)
-    if resume_from is not None:
-        state = checkpointing.load_checkpoint(accelerator, resume_from)
-        stream.load_state_dict(state["stream"])
-        packer.load_state_dict(state["packer"])
-        ctx.step, ctx.tokens_seen, ctx.examples_seen = state["step"], state["tokens_seen"], state["examples_seen"]
-        ctx.task_counts = Counter(state.get("task_counts", {}))
-        ctx.best_metric_value = state.get("best_metric_value")
-        accelerator.print(f"[mtf] resumed from {resume_from} at step {ctx.step}")
-
-    def trainer_state() -> dict:
-        return {"step": ctx.step, "tokens_seen": ctx.tokens_seen, "examples_seen": ctx.examples_seen,
-                "stream": stream.state_dict(), "packer": packer.state_dict(),
-                "task_counts": dict(ctx.task_counts), "best_metric_value": ctx.best_metric_value,
-                "config": to_dict(cfg)}
-
-    ctx.trainer_state = trainer_state
     preemption = PreemptionHook(ctx)
     logging_hook, eval_hook = LoggingHook(ctx), EvalHook(ctx, eval_set)
     eval_hook.logger = logging_hook
     # Order matters at the end: eval before the final checkpoint (best_metric), logging closes last.
     hooks = [eval_hook, CheckpointHook(ctx), preemption, logging_hook]
-    collate_kwargs = dict(kind=info.kind, pad_id=info.pad_token_id, decoder_start_id=info.decoder_start_token_id,
-                          max_input_tokens=cfg.data.max_input_tokens, max_target_tokens=cfg.data.max_target_tokens,
-                          max_tokens=cfg.data.max_tokens)
     mode = cfg.trainer.loss_normalization
 
     # ---- the loop
@@ -231,23 +185,9 @@ def train(cfg: Config) -> dict:
     while ctx.step < cfg.trainer.max_steps and ctx.stop_reason is None:
         step_start = time.perf_counter()
         rows = [packer.next_row(stream) for _ in range(plan.global_rows)]  # (global_rows,) identical on all ranks
-        mine = rows[rank * plan.rows_per_rank:(rank + 1) * plan.rows_per_rank]
-        if ctx.step == start_step and plan.world_size > 1:
-            # Evidence that the run is really data parallel: each rank trains on different rows.
-            digest = hashlib.sha1(json.dumps([r["input_ids"] for r in mine]).encode()).hexdigest()[:12]
-            print(f"[mtf] rank {rank}/{plan.world_size} step {ctx.step + 1} rows digest {digest}", flush=True)
-        micro_batches = [collate(mine[i:i + plan.micro_batch_size], **collate_kwargs)
-                         for i in range(0, len(mine), plan.micro_batch_size)]
-        # The loss denominator of the whole step over all ranks, known before any backward pass, so
-        # the gradient is independent of micro-batching, accumulation and rank count. It is a count
-        # (tokens, sequences or targets), so the all-reduced float64 sum is exact in any order.
-        denominator = float(sum(float(local_denominator(b, mode)) for b in micro_batches))
-        if plan.world_size > 1:
-            denominator = float(accelerator.reduce(torch.tensor(denominator, dtype=torch.float64,
-                                                                device=accelerator.device), reduction="sum"))
-        ctx.lr = cfg.optim.lr * lr_at(ctx.step)
-        for group in optimizer.param_groups:
-            group["lr"] = ctx.lr
+        micro_batches = rank_micro_batches(cfg, run, rows, announce_step=ctx.step + 1 if ctx.step == start_step else None)
+        denominator = global_denominator(micro_batches, mode, plan, accelerator)
+        ctx.lr = set_lr(optimizer, cfg.optim.lr * lr_at(ctx.step))
         numerator_sum = torch.zeros((), device=accelerator.device)
         # accelerate syncs and steps when its micro-batch counter hits a multiple of grad_accum. A step
         # always runs exactly grad_accum micro-batches, so start each one at 0: a counter restored from a
@@ -258,12 +198,12 @@ def train(cfg: Config) -> dict:
             batch = {k: v.to(accelerator.device) if hasattr(v, "to") else v for k, v in batch.items()}
             with accelerator.accumulate(model):
                 with accelerator.autocast():
-                    logits = model_forward(model, batch, info.kind)
-                nll = token_nll(logits, batch["labels"])
-                numerator = local_numerator(nll, batch, mode)
+                    logits = model_forward(model, batch, kind)
+                numerator = losses.local_numerator(losses.token_nll(logits, batch["labels"]), batch, mode)
                 # accelerate (and DeepSpeed) divide by grad_accum and DDP averages over ranks: undo both,
                 # so the summed gradient is exactly d(global numerator / global denominator).
-                accelerator.backward(scaled_loss(numerator, denominator, mode=mode, world_size=plan.world_size) * plan.grad_accum)
+                loss = losses.scaled_loss(numerator, denominator, mode=mode, world_size=plan.world_size)
+                accelerator.backward(loss * plan.grad_accum)
                 numerator_sum += numerator.detach()
                 if accelerator.sync_gradients and cfg.optim.clip_grad_norm and not cfg.trainer.deepspeed:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm)
@@ -271,22 +211,15 @@ def train(cfg: Config) -> dict:
                 optimizer.zero_grad(set_to_none=True)
         if cfg.trainer.deepspeed and hasattr(model, "get_global_grad_norm"):
             grad_norm = model.get_global_grad_norm()  # DeepSpeed clips inside its step and keeps the norm
-        loss = accelerator.reduce(numerator_sum, reduction="sum") if plan.world_size > 1 else numerator_sum
-        ctx.last_loss = float(loss) / denominator if mode != "sum" and denominator > 0 else float(loss)
+        step_loss = accelerator.reduce(numerator_sum, reduction="sum") if plan.world_size > 1 else numerator_sum
+        ctx.last_loss = float(step_loss) / denominator if mode != "sum" and denominator > 0 else float(step_loss)
         if cfg.trainer.nan_guard and not math.isfinite(ctx.last_loss):
             logging_hook.log({"train/loss_last": ctx.last_loss}, ctx.step + 1)
             raise TrainingError(
                 f"non-finite loss ({ctx.last_loss}) at step {ctx.step + 1}; stopped without saving this step. "
-                f"The last good checkpoint under {checkpointing.checkpoint_dir(output_dir)} is intact. "
+                f"The last good checkpoint under {checkpointing.checkpoint_dir(run.output_dir)} is intact. "
                 "Lower `optim.lr`, use `trainer.precision=bf16` or fp32 (not fp16 for T5), or check the data.")
-        ctx.step += 1
-        ctx.last_grad_norm = float(grad_norm) if grad_norm is not None else None
-        step_tokens = sum(len(r.get("input_ids", [])) + len(r.get("target_ids", [])) for r in rows)
-        ctx.tokens_seen += step_tokens
-        ctx.examples_seen += sum(len(r["tasks"]) for r in rows)
-        ctx.task_counts.update(t for r in rows for t in r["tasks"])
-        ctx.step_metrics = {"tokens": step_tokens, "step_seconds": time.perf_counter() - step_start,
-                            **data_mod.packing_metrics(rows, packer, info.kind, cfg)}
+        record_step(cfg, ctx, rows, packer, grad_norm, time.perf_counter() - step_start)
         preemption.check(ctx)
         for hook in hooks:
             hook.on_step_end(ctx)
@@ -296,13 +229,145 @@ def train(cfg: Config) -> dict:
     for hook in hooks:
         hook.on_train_end(ctx)
     if cfg.checkpoint.export_final and ctx.stop_reason is None:
-        checkpointing.export_model(accelerator, model, tokenizer, output_dir / "final")
+        checkpointing.export_model(accelerator, model, run.tokenizer, run.output_dir / "final")
     summary = {"steps": ctx.step, "final_loss": ctx.last_loss, "tokens_seen": ctx.tokens_seen,
                "stop_reason": ctx.stop_reason, "eval": ctx.eval_results,
-               "checkpoint_seconds": ctx.checkpoint_seconds, "output_dir": str(output_dir),
+               "checkpoint_seconds": ctx.checkpoint_seconds, "output_dir": str(run.output_dir),
                "train_loop_seconds": loop_seconds, "final_eval_and_save_seconds": time.perf_counter() - end_start,
                "tokens_per_second": (ctx.tokens_seen - start_tokens) / max(loop_seconds, 1e-9),
                "packing": packer.efficiency(), "packing_stats": dict(packer.stats)}
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
+
+
+# --------------------------------------------------------------------------------------------------
+# Set-up and per-step bookkeeping, in the order train() calls them
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunSetup:
+    """What a run knows before it reads any data or builds any weights."""
+
+    model_config: Any  # the transformers config
+    tokenizer: Any
+    info: ModelInfo
+    plan: BatchPlan
+    accelerator: Any
+    output_dir: Path
+
+
+def setup_run(cfg: Config) -> RunSetup:
+    """Model description, tokenizer, batch plan and accelerator; saves the resolved config, prints the plan.
+
+    Raises:
+        ConfigError: fp16 with a T5-family model, a batch that does not split, DeepSpeed without its JSON.
+        TrainingError: the launcher started a different number of processes than ``WORLD_SIZE`` says.
+    """
+    model_config = load_model_config(cfg.model)
+    tokenizer = load_tokenizer(cfg.model)
+    info = model_info(cfg.model, model_config, tokenizer)
+    if cfg.trainer.precision == "fp16" and info.model_type in T5_FAMILY:
+        # The name-based check in config.validate misses renamed checkpoints; the model type does not.
+        raise ConfigError(f"`trainer.precision=fp16` with a {info.model_type} model: T5 overflows in fp16 and produces NaN "
+                          "losses (t5#539, transformers#9295). Use `trainer.precision=bf16` (or fp32).")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    plan = plan_batch(cfg, info.kind, world_size)
+    accelerator = make_accelerator(cfg, plan)
+    if accelerator.num_processes != world_size:
+        raise TrainingError(f"WORLD_SIZE says {world_size} ranks but accelerate started {accelerator.num_processes}; "
+                            "on CPU launch with `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N`.")
+    output_dir = Path(cfg.run.output_dir)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, output_dir / "config.yaml")
+        accelerator.print(f"[mtf] {plan.describe()}; model kind {info.kind}; device {accelerator.device}")
+    return RunSetup(model_config, tokenizer, info, plan, accelerator, output_dir)
+
+
+def prepare_model(cfg: Config, run: RunSetup) -> tuple[Any, Any]:
+    """(model, optimizer), seeded, built and wrapped by the accelerator (DDP or DeepSpeed)."""
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.trainer.seed)
+    model = build_model(cfg.model, run.model_config, run.info.kind)
+    optimizer = build_optimizer(cfg, model)
+    return run.accelerator.prepare(model, optimizer)
+
+
+def resume(cfg: Config, ctx: TrainContext, stream: Any, packer: Any, output_dir: Path) -> None:
+    """Restore weights, optimizer, RNG, the stream's and packer's positions and the counters, if a checkpoint is due."""
+    resume_from = checkpointing.find_resume_checkpoint(cfg.trainer.resume, output_dir)
+    if resume_from is None:
+        return
+    state = checkpointing.load_checkpoint(ctx.accelerator, resume_from)
+    stream.load_state_dict(state["stream"])
+    packer.load_state_dict(state["packer"])
+    ctx.step, ctx.tokens_seen, ctx.examples_seen = state["step"], state["tokens_seen"], state["examples_seen"]
+    ctx.task_counts = Counter(state.get("task_counts", {}))
+    ctx.best_metric_value = state.get("best_metric_value")
+    ctx.accelerator.print(f"[mtf] resumed from {resume_from} at step {ctx.step}")
+
+
+def trainer_state(cfg: Config, ctx: TrainContext, stream: Any, packer: Any) -> dict:
+    """The resumable state written next to each checkpoint (``trainer_state.json``)."""
+    return {"step": ctx.step, "tokens_seen": ctx.tokens_seen, "examples_seen": ctx.examples_seen,
+            "stream": stream.state_dict(), "packer": packer.state_dict(),
+            "task_counts": dict(ctx.task_counts), "best_metric_value": ctx.best_metric_value,
+            "config": to_dict(cfg)}
+
+
+def rank_micro_batches(cfg: Config, run: RunSetup, rows: list[dict], announce_step: Optional[int] = None) -> list[dict]:
+    """This rank's contiguous slice of the step's global rows, collated into micro-batches.
+
+    With ``announce_step`` and several ranks, each rank prints a digest of its rows for that step.
+    """
+    plan, rank, info = run.plan, run.accelerator.process_index, run.info
+    mine = rows[rank * plan.rows_per_rank:(rank + 1) * plan.rows_per_rank]
+    if announce_step is not None and plan.world_size > 1:
+        # Evidence that the run is really data parallel: each rank trains on different rows.
+        digest = hashlib.sha1(json.dumps([r["input_ids"] for r in mine]).encode()).hexdigest()[:12]
+        print(f"[mtf] rank {rank}/{plan.world_size} step {announce_step} rows digest {digest}", flush=True)
+    return [collate(mine[i:i + plan.micro_batch_size], kind=info.kind, pad_id=info.pad_token_id,
+                    decoder_start_id=info.decoder_start_token_id, max_input_tokens=cfg.data.max_input_tokens,
+                    max_target_tokens=cfg.data.max_target_tokens, max_tokens=cfg.data.max_tokens)
+            for i in range(0, len(mine), plan.micro_batch_size)]
+
+
+def global_denominator(micro_batches: list[dict], mode: str, plan: BatchPlan, accelerator: Any) -> float:
+    """The loss denominator of the whole step over all ranks, known before any backward pass.
+
+    So the gradient is independent of micro-batching, accumulation and rank count. It is a count
+    (tokens, sequences or targets), so the all-reduced float64 sum is exact in any order.
+    """
+    import torch
+
+    denominator = float(sum(float(losses.local_denominator(b, mode)) for b in micro_batches))
+    if plan.world_size > 1:
+        denominator = float(accelerator.reduce(torch.tensor(denominator, dtype=torch.float64,
+                                                            device=accelerator.device), reduction="sum"))
+    return denominator
+
+
+def set_lr(optimizer: Any, lr: float) -> float:
+    """Set the step's learning rate on every param group of the (possibly DeepSpeed-wrapped) optimizer.
+
+    The LR is a pure function of the step: nothing to checkpoint, nothing to drift on resume, and no
+    scheduler object for DeepSpeed's ZeRO-3 wrapper to break.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def record_step(cfg: Config, ctx: TrainContext, rows: list[dict], packer: Any, grad_norm: Any, seconds: float) -> None:
+    """Advance the step and the counters the hooks read (tokens, examples, task counts, packing figures)."""
+    ctx.step += 1
+    ctx.last_grad_norm = float(grad_norm) if grad_norm is not None else None
+    step_tokens = sum(len(r.get("input_ids", [])) + len(r.get("target_ids", [])) for r in rows)
+    ctx.tokens_seen += step_tokens
+    ctx.examples_seen += sum(len(r["tasks"]) for r in rows)
+    ctx.task_counts.update(t for r in rows for t in r["tasks"])
+    ctx.step_metrics = {"tokens": step_tokens, "step_seconds": seconds,
+                        **pipeline.packing_metrics(rows, packer, ctx.kind, cfg)}

@@ -7,7 +7,7 @@ logits aligned with ``batch["labels"]``.
 
 Labels are PRE-SHIFTED for every kind: ``logits[b, t]`` predicts ``labels[b, t]``. Never pass these
 labels to a Hugging Face model's ``labels=`` argument (a decoder would shift them a second time);
-:mod:`train.losses` computes the loss from the logits.
+:mod:`train.modeling.losses` computes the loss from the logits.
 
 - enc-dec: ``labels`` = target ids; ``decoder_input_ids`` = the targets shifted right *per segment*
   (``decoder_start_id`` at each segment start, seqio's ``make_autoregressive_inputs``).
@@ -80,7 +80,7 @@ def collate(
     """Pad packed rows to the fixed capacity and build labels.
 
     Args:
-        rows: packed rows from :class:`train.packing.Packer`.
+        rows: packed rows from :class:`train.data.packing.Packer`.
         kind: "encdec", "decoder" or "prefix_lm".
         pad_id: token id written into padding positions.
         decoder_start_id: enc-dec only, the token that starts every target segment (T5: pad id 0).
@@ -323,7 +323,7 @@ def reference_target_nll(
         ids = torch.cat([inputs, targets[None]], dim=1)
         logits = model(input_ids=ids, use_cache=False).logits[0, n_in - 1 : n_in + n_tgt - 1]
     else:
-        from train.packing import build_row
+        from train.data.packing import build_row
 
         row = build_row([{"input_ids": example["input_ids"], "target_ids": example["target_ids"]}], kind)
         batch = collate([row], kind, pad_id=0, max_tokens=n_in + n_tgt)
