@@ -110,9 +110,13 @@ def test_half_written_checkpoint_is_never_loaded(tmp_path):
     (half / "trainer_state.json").write_text("{}")
     tmp = ckpts / ".tmp-step-00000010"
     tmp.mkdir()
-    assert find_resume_checkpoint("auto", tmp_path) == good
     assert list_complete(tmp_path) == [good]
-    from train.errors import ConfigError
+    from train.errors import CheckpointError, ConfigError
+
+    # "auto" considers only step 4 (the half-written step 8 is never looked at); this fake one has an
+    # empty trainer state, so verification names it (tests/test_hardening.py covers real checkpoints).
+    with pytest.raises(CheckpointError, match=r"step-00000004: trainer_state.json is damaged"):
+        find_resume_checkpoint("auto", tmp_path)
 
     with pytest.raises(ConfigError, match="not a complete checkpoint"):
         find_resume_checkpoint(str(half), tmp_path)

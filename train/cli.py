@@ -139,7 +139,8 @@ def cmd_templates_lint(args: argparse.Namespace) -> int:
         _print_json(report)
     else:
         print(format_lint_report(report))
-    return EXIT_OK if not report["summary"]["load_errors"] else EXIT_USER_ERROR
+    failed = report["summary"]["load_errors"] or report["summary"]["failing_templates"]
+    return EXIT_USER_ERROR if failed else EXIT_OK
 
 
 def cmd_tasks_preview(args: argparse.Namespace) -> int:
@@ -159,11 +160,36 @@ def cmd_tasks_preview(args: argparse.Namespace) -> int:
     else:
         for ex in examples:
             print(f"--- {ex['task']} / {ex['template']} (row {ex['example_index']})")
+            if ex["skipped"]:
+                print(f"skipped: {ex['skipped']}" + (f": {ex['skip_detail']}" if ex["skip_detail"] else ""))
+                continue
             print(f"input:   {ex['inputs']}")
             print(f"target:  {' ||| '.join(ex['targets'])}")
             if ex.get("answer_choices"):
                 print(f"choices: {' | '.join(ex['answer_choices'])}")
+    failing = _failing_templates(examples)
+    if failing:  # what training would refuse: say so here too, instead of showing empty examples
+        from train.errors import DataError
+
+        raise DataError("these templates fail on most previewed rows (training would stop on them): "
+                        + "; ".join(failing) + ". Add the field with a preprocessor, fix the template, or deselect it.")
     return EXIT_OK
+
+
+def _failing_templates(examples: list[dict]) -> list[str]:
+    from collections import Counter, defaultdict
+
+    from train.data.templates import fails_on_data
+
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for ex in examples:
+        groups[(ex["task"], ex["template"], ex["template_file"])].append(ex)
+    out = []
+    for (task, template, file), rows in groups.items():
+        if fails_on_data(Counter(r["skipped"] for r in rows if r["skipped"]), len(rows)):
+            first = next(r for r in rows if r["skipped"])
+            out.append(f"task {task}, template {template!r} ({file}): {first['skipped']} {first['skip_detail']!r}")
+    return out
 
 
 def cmd_mixture_show(args: argparse.Namespace) -> int:

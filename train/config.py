@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,6 +28,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from train.errors import ConfigError
+from train.yamlfile import load_yaml
 
 ModelKind = Literal["auto", "encdec", "decoder", "prefix_lm"]
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -92,6 +95,9 @@ class TrainerConfig:
     deepspeed: Optional[str] = None  # path to a DeepSpeed JSON (configs/deepspeed/*.json)
     seed: int = 42
     resume: str = "auto"  # "auto" (newest complete checkpoint, if any) | a checkpoint path | "none"
+    resume_fallback: bool = False  # "auto": if the newest checkpoint is damaged, resume from the newest good one
+    resume_allow_changes: list[str] = field(default_factory=list)  # keys (or sections) that may differ from the checkpoint's config
+    trust_checkpoint: bool = False  # allow checkpoint files that need arbitrary unpickling (only your own)
     max_time: Optional[float] = None  # seconds; stop cleanly with a checkpoint when exceeded
     nan_guard: bool = True  # stop on a non-finite loss, keeping the last good checkpoint
     cpu: bool = False  # force CPU even when a GPU is present
@@ -215,14 +221,19 @@ def _coerce(value: Any, tp: Any, where: str, file: str) -> Any:
             return int(value)  # 1e6 in YAML is a float; accept it where it is a whole number
         raise _type_error(value, tp, where, file)
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:  # PyYAML reads "3e-4" (no dot) as a string; accept it as the number it is
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise _type_error(value, tp, where, file)
+        if number is None:
+            raise _type_error(value, tp, where, file)
+        if not math.isfinite(number):  # .nan / .inf are valid YAML floats but no valid setting
+            raise ConfigError(f"{file}: `{where}` is {value!r}; it must be a finite number.")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -288,7 +299,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override `{text}` has an empty key. Example: `trainer.max_steps=50`.")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as err:
         raise ConfigError(f"override `{text}`: the value is not valid YAML ({err}).") from None
     return key.split("."), value
@@ -316,8 +327,7 @@ def read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist. Pass the path of a YAML file, e.g. configs/demo.yaml.")
     try:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
+        data = load_yaml(path.read_text(encoding="utf-8"), str(path))
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: invalid YAML: {err}. Fix the syntax at the line shown.") from None
     except UnicodeDecodeError as err:
@@ -384,28 +394,13 @@ def problems(cfg: Config) -> list[str]:
             f"{file}: `trainer.precision=fp16` with a T5-family model: T5 overflows in fp16 and produces NaN losses "
             "(t5#539, transformers#9295). Use `trainer.precision=bf16` (or fp32)."
         )
-    for key, value in (("trainer.max_steps", t.max_steps), ("trainer.micro_batch_size", t.micro_batch_size),
-                       ("data.max_input_tokens", d.max_input_tokens), ("data.max_target_tokens", d.max_target_tokens),
-                       ("data.max_tokens", d.max_tokens), ("data.pack_window", d.pack_window),
-                       ("logging.every_steps", cfg.logging.every_steps), ("checkpoint.keep_last", cfg.checkpoint.keep_last),
-                       ("eval.batch_size", e.batch_size)):
-        if value < 1:
-            out.append(f"{file}: `{key}` is {value}; it must be at least 1.")
-    for key, value in (("eval.every_steps", e.every_steps), ("checkpoint.every_steps", cfg.checkpoint.every_steps),
-                       ("trainer.grad_accum", t.grad_accum), ("eval.max_examples_per_template", e.max_examples_per_template),
-                       ("data.max_examples_per_task", d.max_examples_per_task)):
-        if value is not None and value < 1:
-            out.append(f"{file}: `{key}` is {value}; it must be at least 1, or null to turn it off.")
+    out.extend(_bound_problems(cfg, file))
     if (t.global_batch_size is None) == (t.global_batch_tokens is None):
         out.append(f"{file}: set exactly one of `trainer.global_batch_size` (rows) and `trainer.global_batch_tokens`; the other must be null.")
-    if cfg.optim.lr <= 0:
-        out.append(f"{file}: `optim.lr` is {cfg.optim.lr}; it must be positive.")
-    if len(cfg.optim.betas) != 2:
-        out.append(f"{file}: `optim.betas` must have two values, e.g. [0.9, 0.999].")
-    if cfg.schedule.warmup_steps < 0 or cfg.schedule.warmup_steps > t.max_steps:
+    if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
+        out.append(f"{file}: `optim.betas` is {cfg.optim.betas}; it must be two values in [0, 1), e.g. [0.9, 0.999].")
+    if cfg.schedule.warmup_steps > t.max_steps:
         out.append(f"{file}: `schedule.warmup_steps` is {cfg.schedule.warmup_steps}; it must be between 0 and trainer.max_steps ({t.max_steps}).")
-    if t.max_time is not None and t.max_time <= 0:
-        out.append(f"{file}: `trainer.max_time` is {t.max_time}; give seconds > 0, or null.")
     if e.best_metric and not e.mixture:
         out.append(f"{file}: `eval.best_metric` needs `eval.mixture`.")
     if t.resume not in ("auto", "none") and not Path(t.resume).exists():
@@ -414,9 +409,77 @@ def problems(cfg: Config) -> list[str]:
                       ("trainer.deepspeed", t.deepspeed)):
         if path and not Path(path).exists():
             out.append(f"{file}: `{key}` points to {path!r}, which does not exist (paths are relative to the current directory).")
+    if t.deepspeed and Path(t.deepspeed).is_file():
+        out.extend(_deepspeed_json_problems(t.deepspeed, file))
     if m.name_or_path and m.name_or_path.startswith(("/", "./", "../")) and not Path(m.name_or_path).exists():
         out.append(f"{file}: `model.name_or_path` {m.name_or_path!r} is a local path that does not exist.")
     return out
+
+
+# The lowest valid value of every numeric key: (minimum, whether the minimum itself is allowed).
+# tests/test_config.py fails when a numeric key is missing here, so a new one gets a bound on purpose.
+MINIMUMS: dict[str, tuple[float, bool]] = {
+    "data.max_input_tokens": (1, True), "data.max_target_tokens": (1, True), "data.max_tokens": (1, True),
+    "data.pack_window": (1, True), "data.max_examples_per_task": (1, True), "data.num_proc": (1, True),
+    "optim.lr": (0, False), "optim.weight_decay": (0, True), "optim.eps": (0, False),
+    "optim.clip_grad_norm": (0, False), "schedule.warmup_steps": (0, True),
+    "trainer.max_steps": (1, True), "trainer.global_batch_size": (1, True), "trainer.global_batch_tokens": (1, True),
+    "trainer.micro_batch_size": (1, True), "trainer.grad_accum": (1, True), "trainer.seed": (0, True),
+    "trainer.max_time": (0, False),
+    "eval.every_steps": (1, True), "eval.max_examples_per_template": (1, True),
+    "eval.final_max_examples_per_template": (1, True), "eval.batch_size": (1, True),
+    "logging.every_steps": (1, True), "logging.peak_tflops": (0, False),
+    "checkpoint.every_steps": (1, True), "checkpoint.keep_last": (1, True),
+}
+
+
+NULL_MEANS = {
+    "trainer.global_batch_size": "to use trainer.global_batch_tokens",
+    "trainer.global_batch_tokens": "to use trainer.global_batch_size",
+    "trainer.grad_accum": "to derive it from the micro-batch size",
+    "data.max_examples_per_task": "for every row", "data.num_proc": "for one process",
+    "eval.final_max_examples_per_template": "for every example", "optim.clip_grad_norm": "for no clipping",
+}
+
+
+def get_key(cfg: Any, key: str) -> Any:
+    """The value of a dotted key (``optim.lr``) of a config."""
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _bound_problems(cfg: Config, file: str) -> list[str]:
+    out = []
+    for key, (minimum, inclusive) in MINIMUMS.items():
+        value = get_key(cfg, key)
+        if value is None or value > minimum or (inclusive and value == minimum):
+            continue
+        limit = f"at least {minimum:g}" if inclusive else f"greater than {minimum:g}"
+        off = f", or null {NULL_MEANS.get(key, 'to turn it off')}" if _is_optional(key) else ""
+        out.append(f"{file}: `{key}` is {value}; it must be {limit}{off}.")
+    return out
+
+
+def _is_optional(key: str) -> bool:
+    section, _, name = key.rpartition(".")
+    cls = typing.get_type_hints(Config)[section.split(".")[0]]
+    for part in section.split(".")[1:]:
+        cls = typing.get_type_hints(cls)[part]
+    return type(None) in typing.get_args(typing.get_type_hints(cls)[name])
+
+
+def _deepspeed_json_problems(path: str, file: str) -> list[str]:
+    try:
+        ds = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        return [f"{file}: `trainer.deepspeed` = {path!r} is not valid JSON: {err.msg} at line {err.lineno}, "
+                f"column {err.colno}. Fix the file (configs/deepspeed/*.json are valid examples)."]
+    except (OSError, UnicodeDecodeError) as err:
+        return [f"{file}: `trainer.deepspeed` = {path!r} cannot be read ({err})."]
+    if not isinstance(ds, dict):
+        return [f"{file}: `trainer.deepspeed` = {path!r} must hold a JSON object (e.g. {{\"zero_optimization\": ...}})."]
+    return []
 
 
 def validate(cfg: Config) -> None:

@@ -30,3 +30,7 @@ class TemplateError(DataError):
 
 class TrainingError(UserError):
     """Training cannot continue (e.g. a non-finite loss); the last good checkpoint is kept."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint cannot be written or loaded safely (damaged, needs unpickling, or the config changed)."""

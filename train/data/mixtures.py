@@ -61,6 +61,7 @@ import numpy as np
 import yaml
 
 from train.errors import ConfigError, DataError
+from train.yamlfile import load_yaml
 
 MIXTURE_KEYS = ("rate", "members")
 MEMBER_KEYS = ("task", "mixture", "weight")
@@ -204,9 +205,9 @@ def _read_yaml(path: Path, where: str) -> Mapping:
     if not path.is_file():
         raise ConfigError(f"{where}: mixture file {path} does not exist.")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err}).") from err
+        raw = load_yaml(path.read_text(encoding="utf-8"), str(path))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not valid YAML ({err}).") from None
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{path}: a mixture file must be a mapping with a 'mixture:' section.")
     return raw

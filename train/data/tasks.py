@@ -55,8 +55,9 @@ import datasets
 import yaml
 
 from train.errors import ConfigError, DataError, TemplateError
+from train.yamlfile import load_yaml
 from train.data.preprocessors import PREPROCESSORS, PreprocessorRegistry
-from train.data.templates import (SKIP_MISSING_FIELD, SKIP_RENDER_ERROR, TEXT_VAR_LENGTH, Template,
+from train.data.templates import (SKIP_MISSING_FIELD, SKIP_RENDER_ERROR, fails_on_data, TEXT_VAR_LENGTH, Template,
                              TemplateMetadata, load_templates)
 
 DATA_ROOT_ENV = "MTF_DATA_ROOT"
@@ -255,7 +256,8 @@ class Task:
         """The templates this task renders.
 
         Raises:
-            TemplateError: missing templates file, unknown template name, or an empty selection.
+            TemplateError: missing templates file, unknown template name, an empty selection, or a
+                selected template without ``|||`` (it could never give a target).
         """
         sel = self.templates
         chosen = load_templates(sel.file).select(names=sel.names, original_task=sel.original_task,
@@ -265,6 +267,11 @@ class Task:
             raise TemplateError(f"{self._where()}: no template of {sel.file} matches names={sel.names}, "
                                 f"original_task={sel.original_task}, choices_in_prompt={sel.choices_in_prompt},"
                                 f" languages={sel.languages}")
+        for template in chosen:
+            try:
+                template.check_has_target()
+            except TemplateError as err:
+                raise TemplateError(f"{self._where()}: {err} Or deselect it with `templates: {{names: [...]}}`.") from None
         return chosen
 
     # -- prompted examples ----------------------------------------------------------------------------
@@ -310,7 +317,7 @@ class Task:
             report.entries[(self.metadata.dataset, tpl.name)] = {
                 "rows": n, "rendered": n - sum(counts.values()), "skipped": dict(counts), "first_skip": first}
             failures = counts[SKIP_MISSING_FIELD] + counts[SKIP_RENDER_ERROR]
-            if n and failures / n > max_failure_fraction:
+            if fails_on_data(counts, n, max_failure_fraction):
                 reason = SKIP_MISSING_FIELD if counts[SKIP_MISSING_FIELD] else SKIP_RENDER_ERROR
                 raise DataError(f"{self._where()}: template {tpl.name!r} of {tpl.file} failed on {failures}/{n} "
                                 f"rows (> {max_failure_fraction:.0%}); first: {reason} "
@@ -623,7 +630,7 @@ def load_task_file(path: str | Path, *, data_files: Optional[Mapping[str, Any]] 
     if str(p) in seen:
         raise ConfigError(f"include cycle: {' -> '.join(seen + (str(p),))}")
     try:
-        doc = yaml.safe_load(p.read_text(encoding="utf-8"))
+        doc = load_yaml(p.read_text(encoding="utf-8"), str(p))
     except FileNotFoundError as e:
         raise ConfigError(f"task file not found: {p}") from e
     except (yaml.YAMLError, UnicodeDecodeError) as e:
@@ -786,7 +793,8 @@ def preview(task_or_file: Union[Task, TaskFile, str, Path], n: int = 3, *,
         load_kwargs: passed to :func:`load_task_file` when a path is given (data_files, data_root).
 
     Returns:
-        Prompted-example dicts (COMMON.md contract) plus ``"skipped"``: the skip reason or "".
+        Prompted-example dicts (COMMON.md contract) plus ``"skipped"`` (the skip reason or "") and
+        ``"skip_detail"`` (the missing field or the error).
     """
     if isinstance(task_or_file, (str, Path)):
         task_or_file = load_task_file(task_or_file, **load_kwargs)
@@ -796,11 +804,11 @@ def preview(task_or_file: Union[Task, TaskFile, str, Path], n: int = 3, *,
         rows = task.load(n)
         for tpl in task.select_templates():
             for i, row in enumerate(rows):
-                r, reason, _ = tpl.render_or_skip(row, seed_key=i, max_field_chars=max_field_chars)
+                r, reason, detail = tpl.render_or_skip(row, seed_key=i, max_field_chars=max_field_chars)
                 out.append({"inputs": r.inputs if r else "", "targets": r.targets if r else [],
                             "answer_choices": r.answer_choices if r else [], "task": task.name,
-                            "dataset": task.metadata.dataset, "template": tpl.name, "example_index": i,
-                            "skipped": reason})
+                            "dataset": task.metadata.dataset, "template": tpl.name, "template_file": tpl.file,
+                            "example_index": i, "skipped": reason, "skip_detail": detail})
     return out
 
 

@@ -57,6 +57,7 @@ import yaml
 from jinja2.sandbox import SandboxedEnvironment
 
 from train.errors import TemplateError
+from train.yamlfile import StrictLoader, load_yaml
 
 TEXT_VAR_LENGTH = 2048  # PromptSource's per-{{ }} truncation, in characters
 ANSWER_SEPARATOR = "|||"
@@ -76,11 +77,8 @@ SKIP_RENDER_ERROR = "render_error"
 # ----------------------------------------------------------------------------------------------- loading
 
 
-_BaseSafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
-class PromptSourceLoader(_BaseSafeLoader):  # type: ignore[misc, valid-type]
-    """A safe YAML loader that reads ``!Template`` / ``!TemplateMetadata`` nodes as plain mappings."""
+class PromptSourceLoader(StrictLoader):
+    """The strict safe YAML loader (duplicate keys refused), reading ``!Template`` / ``!TemplateMetadata`` nodes as plain mappings."""
 
 
 def _construct_plain_mapping(loader: yaml.Loader, node: yaml.Node) -> dict:
@@ -199,6 +197,12 @@ class Template:
                     raise TemplateError(f"{self._where()}: unknown {kind} {node.name!r} in `{which}` "
                                         f"(line {node.lineno}).{hint}")
 
+    def check_has_target(self) -> None:
+        """Raises: TemplateError: the jinja has no ``|||``, so no row can render a target (lint and tasks call this)."""
+        if ANSWER_SEPARATOR not in self.jinja:
+            raise TemplateError(f"{self._where()}: the template has no `{ANSWER_SEPARATOR}` in its jinja, so it renders an "
+                                f"input and no target (every row would be skipped). Write `input {ANSWER_SEPARATOR} target`.")
+
     def seed_for(self, seed_key: Any) -> int:
         """Stable 64-bit seed for (dataset, template id, seed_key): same on every run, process and rank."""
         digest = hashlib.sha256(f"{self.dataset}\x00{self.id}\x00{seed_key}".encode("utf-8")).digest()
@@ -292,7 +296,20 @@ def _unescape_pipe(text: str) -> str:
     return text.replace(PIPE_PROTECTOR, ANSWER_SEPARATOR)
 
 
+MAX_FAILURE_FRACTION = 0.5  # above this fraction of rows failing (missing field, render error) a template is an error
+
+
+def fails_on_data(skipped: Mapping[str, int], rows: int, max_failure_fraction: float = MAX_FAILURE_FRACTION) -> bool:
+    """True when missing fields and render errors (not empty renders) exceed ``max_failure_fraction`` of ``rows``."""
+    failures = skipped.get(SKIP_MISSING_FIELD, 0) + skipped.get(SKIP_RENDER_ERROR, 0)
+    return bool(rows) and failures / rows > max_failure_fraction
+
+
 def _undefined_field(message: str) -> str:
+    m = re.search(r"'list object' has no attribute '(-?\d+)'", message)
+    if m:  # answer_choices[label] with label "1": the data holds the index as a string
+        return (f"[{m.group(1)!r}] (a list indexed with the string {m.group(1)!r}: the field is a str in the data; "
+                "cast it to int with the `cast` preprocessor, e.g. {name: cast, args: {field: label, to: int}})")
     m = re.search(r"has no attribute '([^']+)'", message) or re.search(r"'([^']+)' is undefined", message)
     if m:
         return m.group(1)
@@ -414,7 +431,7 @@ def parse_templates(text: str, path: str = "<string>") -> TemplateCollection:
         TemplateError: invalid YAML, unknown tag, or a template entry without ``name``/``jinja``.
     """
     try:
-        doc = yaml.load(text, Loader=PromptSourceLoader)  # noqa: S506 - PromptSourceLoader is a SafeLoader
+        doc = load_yaml(text, path, loader=PromptSourceLoader)
     except yaml.YAMLError as e:
         raise TemplateError(f"{path}: invalid templates YAML: {e}") from e
     if not isinstance(doc, dict) or not isinstance(doc.get("templates", {}), dict):
@@ -468,14 +485,21 @@ def _detail_counts(rows: Sequence[Mapping[str, Any]], template: Template,
                    max_field_chars: Optional[int]) -> dict:
     skipped: Counter = Counter()
     example_field: dict[str, str] = {}
+    gold_missing, first_gold_missing = 0, None
     for i, row in enumerate(rows):
-        _, reason, detail = template.render_or_skip(row, seed_key=i, max_field_chars=max_field_chars)
+        rendered, reason, detail = template.render_or_skip(row, seed_key=i, max_field_chars=max_field_chars)
         if reason:
             skipped[reason] += 1
             example_field.setdefault(reason, f"row {i}: {detail}" if detail else f"row {i}")
+        elif rendered.answer_choices and rendered.targets[0].strip() not in [c.strip() for c in rendered.answer_choices]:
+            # Rank classification scores the answer choices; a gold target outside them is never right.
+            gold_missing += 1
+            first_gold_missing = first_gold_missing or (f"row {i}: target {rendered.targets[0]!r} is not one of "
+                                                        f"{rendered.answer_choices}")
     ok = len(rows) - sum(skipped.values())
     return {"rows": len(rows), "rendered": ok, "success_rate": ok / len(rows) if rows else None,
-            "skipped": dict(skipped), "first_skip": example_field}
+            "skipped": dict(skipped), "first_skip": example_field,
+            "gold_not_in_choices": gold_missing, "first_gold_not_in_choices": first_gold_missing}
 
 
 def lint_templates(paths: Sequence[str | Path],
@@ -516,6 +540,7 @@ def lint_templates(paths: Sequence[str | Path],
         for t in coll:
             try:
                 t.check()
+                t.check_has_target()
             except TemplateError as e:
                 entry["load_errors"].append(str(e))
             if t.metadata.original_task is None or not t.metadata.languages:
@@ -537,6 +562,10 @@ def lint_templates(paths: Sequence[str | Path],
         "templates": sum(e["templates"] for e in report["files"]),
         "load_errors": sum(len(e["load_errors"]) for e in report["files"]),
         "files_with_errors": [e["path"] for e in report["files"] if e["load_errors"]],
+        "gold_not_in_choices": sum(1 for e in report["files"] for r in (e["render"] or {}).values()
+                                   if r.get("gold_not_in_choices")),
+        "failing_templates": [f"{e['dataset']} / {name}" for e in report["files"] for name, r in (e["render"] or {}).items()
+                              if r.get("error") or fails_on_data(r["skipped"], r["rows"])],
     }
     return report
 
@@ -559,6 +588,12 @@ def format_lint_report(report: Mapping[str, Any]) -> str:
             if r.get("error") or r["skipped"]:
                 why = r.get("error") or json.dumps(r["first_skip"])
                 lines.append(f"SKIP  {e['dataset']} / {name}: {r['rendered']}/{r['rows']} rendered; {why}")
+            if r.get("gold_not_in_choices"):
+                lines.append(f"GOLD  {e['dataset']} / {name}: {r['gold_not_in_choices']}/{r['rendered']} rendered rows have a "
+                             f"target outside answer_choices, so rank classification skips them; "
+                             f"{r['first_gold_not_in_choices']}. Make the target one of the choices.")
     s = report["summary"]
-    lines.append(f"{s['files']} files, {s['templates']} templates, {s['load_errors']} load errors")
+    gold = f", {s['gold_not_in_choices']} templates with targets outside their answer_choices" if s.get("gold_not_in_choices") else ""
+    failing = f", {len(s['failing_templates'])} templates failing on the data" if s.get("failing_templates") else ""
+    lines.append(f"{s['files']} files, {s['templates']} templates, {s['load_errors']} load errors{failing}{gold}")
     return "\n".join(lines)

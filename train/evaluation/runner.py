@@ -173,11 +173,43 @@ def load_model_for_eval(model: str, kind: str = "auto", tokenizer: Optional[str]
     is_encdec = bool(getattr(config, "is_encoder_decoder", False))
     resolved = ("encdec" if is_encdec else "decoder") if kind == "auto" else kind
     auto = AutoModelForSeq2SeqLM if is_encdec else AutoModelForCausalLM
-    loaded = auto.from_pretrained(str(path))
-    tok = AutoTokenizer.from_pretrained(tokenizer or str(path))
+    if path.is_dir():
+        _check_local_weights(path)
+    try:
+        loaded = auto.from_pretrained(str(path))
+    except (OSError, ValueError, RuntimeError) as err:
+        raise ConfigError(f"{model}: the model weights cannot be loaded ({str(err).splitlines()[0]}). "
+                          "Re-export the model, or evaluate another checkpoint.") from None
+    try:
+        tok = AutoTokenizer.from_pretrained(tokenizer or str(path))
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{model}: no tokenizer could be loaded from {tokenizer or path} ({str(err).splitlines()[0]}). "
+                          "Pass one with --tokenizer.") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return loaded, tok, resolved
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def _check_local_weights(path: Path) -> None:
+    """A local model directory must hold weights, and its safetensors files must be whole.
+
+    Raises:
+        ConfigError: no weight file, or a damaged (e.g. truncated) one.
+    """
+    from safetensors import safe_open
+
+    if not any((path / name).exists() for name in WEIGHT_FILES) and not list(path.glob("model-*.safetensors")):
+        raise ConfigError(f"{path}: has config.json but no model weights ({', '.join(WEIGHT_FILES[::2])}). "
+                          "Was the export interrupted? Evaluate a run checkpoint or re-export.")
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                handle.keys()
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+            raise ConfigError(f"{file} is damaged ({err}); re-export the model or evaluate a checkpoint.") from None
 
 
 def _load_from_checkpoint(path: Path, kind: str, tokenizer: Optional[str]) -> tuple[Any, Any, str]:
@@ -201,7 +233,10 @@ def _load_from_checkpoint(path: Path, kind: str, tokenizer: Optional[str]) -> tu
     model = build_model(cfg.model, model_config, resolved)
     state = {}
     for file in weights:
-        state.update(load_file(str(file)))
+        try:
+            state.update(load_file(str(file)))
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+            raise ConfigError(f"{file} is damaged ({err}); evaluate an earlier checkpoint or the run's final/ export.") from None
     _restore_tied(model, state)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])

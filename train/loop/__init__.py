@@ -5,7 +5,8 @@ losses (:mod:`train.modeling`) and the zero-shot evaluator (:mod:`train.evaluati
 Accelerate/DeepSpeed loop, hooks with one concern each (metrics logging, periodic eval, checkpoints,
 preemption), atomic checkpoints with exact resume, the Hugging Face export, and ``mtf validate``.
 
-Modules, in data-flow order: loggers, checkpointing, hooks, trainer, validation.
+Modules, in data-flow order: loggers, checkpointing, rundir (checks and the one-run lock), hooks, trainer,
+validation.
 """
 
 from train import lazy_exports

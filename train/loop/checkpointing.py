@@ -11,6 +11,14 @@ Layout of ``<output_dir>/checkpoints/``::
 Resume picks the newest directory that has ``COMPLETE``; half-written ones are ignored (and removed by
 the next successful save). The data position is restored from the mixture stream's and the packer's
 ``state_dict`` — nothing is replayed or skipped.
+
+Before anything is loaded, :func:`verify_checkpoint` checks every file: ``trainer_state.json`` parses and
+has its entries, every safetensors file is whole, and every torch pickle (optimizer, RNG, DeepSpeed
+states) loads with ``weights_only=True`` — tensors and plain containers only, so resuming never runs
+code planted in a checkpoint. A file that needs arbitrary unpickling is refused by name; a user who
+trusts the checkpoint sets ``trainer.trust_checkpoint=true``. A newest checkpoint that fails is
+reported by name and left in place; ``trainer.resume_fallback=true`` resumes from the newest one that
+passes instead, after moving the bad ones to ``checkpoints/rejected-step-N/`` (never deleted).
 """
 
 from __future__ import annotations
@@ -22,11 +30,14 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from train.errors import ConfigError
+from train.errors import CheckpointError, ConfigError
 
 MARKER = "COMPLETE"
 STATE_FILE = "trainer_state.json"
 PREFIX = "step-"
+REJECTED_PREFIX = "rejected-"
+STATE_KEYS = {"step": int, "tokens_seen": int, "examples_seen": int, "stream": dict, "packer": dict}
+PICKLE_SUFFIXES = (".bin", ".pkl", ".pt", ".pth")
 
 
 def checkpoint_dir(output_dir: str | Path) -> Path:
@@ -46,24 +57,160 @@ def list_complete(output_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
-def find_resume_checkpoint(resume: str, output_dir: str | Path) -> Optional[Path]:
-    """The checkpoint to resume from: ``auto`` = newest complete one (or None), ``none``, or a path.
+def find_resume_checkpoint(resume: str, output_dir: str | Path, *, fallback: bool = False,
+                           trust: bool = False) -> tuple[Optional[Path], list[tuple[Path, str]]]:
+    """The checkpoint to resume from, verified: ``auto`` = newest complete one (or None), ``none``, or a path.
+
+    Args:
+        resume: ``trainer.resume``.
+        fallback: with ``auto``, skip newer checkpoints that fail verification (``trainer.resume_fallback``).
+        trust: accept files that need arbitrary unpickling (``trainer.trust_checkpoint``).
+
+    Returns:
+        (the checkpoint or None, [(skipped bad checkpoint, why)]). Moving the skipped ones aside is the
+        caller's job (:func:`reject`), once every rank has chosen.
 
     Raises:
         ConfigError: an explicit path that is not a complete checkpoint.
+        CheckpointError: the chosen checkpoint fails verification (and ``fallback`` is off or none passes).
     """
     if resume == "none":
-        return None
-    if resume == "auto":
-        done = list_complete(output_dir)
-        return done[-1] if done else None
-    path = Path(resume)
-    if not is_complete(path):
-        raise ConfigError(
-            f"`trainer.resume` = {resume!r} is not a complete checkpoint (it needs {MARKER} and {STATE_FILE}). "
-            f"Use `trainer.resume=auto` to pick the newest complete one under {checkpoint_dir(output_dir)}."
-        )
-    return path
+        return None, []
+    if resume != "auto":
+        path = Path(resume)
+        if not is_complete(path):
+            raise ConfigError(
+                f"`trainer.resume` = {resume!r} is not a complete checkpoint (it needs {MARKER} and {STATE_FILE}). "
+                f"Use `trainer.resume=auto` to pick the newest complete one under {checkpoint_dir(output_dir)}."
+            )
+        verify_checkpoint(path, trust=trust)
+        return path, []
+    skipped: list[tuple[Path, str]] = []
+    candidates = list(reversed(list_complete(output_dir)))
+    for path in candidates:
+        try:
+            verify_checkpoint(path, trust=trust)
+            return path, skipped
+        except CheckpointError as err:
+            if not fallback:
+                older = next((str(c) for c in candidates if c != path), None)
+                hint = (f" To resume from the previous complete checkpoint ({older}) instead, set "
+                        "`trainer.resume_fallback=true` (the bad one is moved to checkpoints/rejected-*, not deleted), "
+                        f"or pass `trainer.resume=<path>`." if older else
+                        " There is no older complete checkpoint; start over with `trainer.resume=none` "
+                        "(or another run.output_dir).")
+                raise CheckpointError(f"{err} It was left in place.{hint}") from None
+            skipped.append((path, str(err)))
+    if skipped:
+        raise CheckpointError(f"no complete checkpoint under {checkpoint_dir(output_dir)} passes verification: "
+                              + "; ".join(why for _, why in skipped) + " Start over with `trainer.resume=none`.")
+    return None, []
+
+
+def verify_checkpoint(path: Path, *, trust: bool = False) -> dict:
+    """Check every file of a checkpoint without running any code from it; return its trainer state.
+
+    Raises:
+        CheckpointError: naming the file: unreadable or incomplete trainer state, a truncated or damaged
+            tensor file, or (unless ``trust``) a pickle holding more than tensors and plain containers.
+    """
+    state_file = path / STATE_FILE
+    try:
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"checkpoint {path}: {STATE_FILE} is damaged ({err}).") from None
+    problems = [f"`{k}` missing" if k not in state else f"`{k}` is not {t.__name__}"
+                for k, t in STATE_KEYS.items() if not isinstance(state.get(k), t) or isinstance(state.get(k), bool)]
+    if not isinstance(state, dict) or problems:
+        raise CheckpointError(f"checkpoint {path}: {STATE_FILE} is damaged ({'; '.join(problems) or 'not a mapping'}).")
+    weights = path / "accelerate"
+    if not weights.is_dir():
+        raise CheckpointError(f"checkpoint {path}: the accelerate/ folder with the model and optimizer state is missing.")
+    for file in sorted(p for p in weights.rglob("*") if p.is_file()):
+        if file.suffix == ".safetensors":
+            _verify_safetensors(file)
+        elif file.suffix in PICKLE_SUFFIXES and not trust:
+            _verify_pickle(file)
+    return state
+
+
+def _verify_safetensors(file: Path) -> None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            handle.keys()
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for every kind of damage
+        raise CheckpointError(f"checkpoint file {file} is damaged ({err}); was the save interrupted or the disk full?") from None
+
+
+def _verify_pickle(file: Path) -> None:
+    """Load with ``weights_only=True`` (memory-mapped: the tensor data is not read) and accelerate's numpy allowlist."""
+    import pickle
+
+    import torch
+    from accelerate.utils.other import TORCH_SAFE_GLOBALS
+
+    try:
+        with torch.serialization.safe_globals(TORCH_SAFE_GLOBALS):
+            torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        detail = str(err).split("Please file an issue")[0].split("WeightsUnpickler error:")[-1].strip()[:300]
+        raise CheckpointError(
+            f"checkpoint file {file} holds Python objects beyond tensors and plain containers, and loading it would "
+            f"run arbitrary code ({detail}). Refused: nothing from it was executed. If you made this checkpoint "
+            "yourself and trust it, resume with `trainer.trust_checkpoint=true`.") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as err:
+        raise CheckpointError(f"checkpoint file {file} is damaged ({str(err).splitlines()[0]}); "
+                              "was the save interrupted or the disk full?") from None
+
+
+# Keys (or whole sections) that may differ between a checkpoint's config and the resuming run's: they do
+# not change what is trained on, nor how (rank count and micro-batching are exact by construction).
+RESUME_MAY_CHANGE = (
+    "run", "eval", "logging", "checkpoint", "trainer.max_steps", "trainer.max_time", "trainer.resume",
+    "trainer.resume_fallback", "trainer.resume_allow_changes", "trainer.trust_checkpoint", "trainer.micro_batch_size",
+    "trainer.grad_accum", "trainer.cpu", "trainer.nan_guard", "model.gradient_checkpointing", "data.num_proc",
+    "data.cache_dir", "data.data_root",
+)
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(data, dict):
+        return {prefix: data}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def config_changes(saved: dict, now: dict, allowed: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """``key: checkpoint value -> this run's value`` for every key that changed and may not.
+
+    Args:
+        saved: the ``config`` entry of the checkpoint's trainer state; now: this run's resolved config.
+        allowed: keys or sections the user accepts to change (``trainer.resume_allow_changes``); ``*`` is all.
+    """
+    if "*" in allowed:
+        return []
+    free = tuple(RESUME_MAY_CHANGE) + tuple(allowed)
+    flat_saved, flat_now = _flatten(saved), _flatten(now)
+    out = []
+    for key in sorted(set(flat_saved) | set(flat_now)):
+        if any(key == k or key.startswith(f"{k}.") for k in free):
+            continue
+        if flat_saved.get(key, "<absent>") != flat_now.get(key, "<absent>"):
+            out.append(f"{key}: {flat_saved.get(key, '<absent>')!r} -> {flat_now.get(key, '<absent>')!r}")
+    return out
+
+
+def reject(path: Path) -> Path:
+    """Move a checkpoint that failed verification out of the resume order, keeping it for inspection."""
+    target = path.parent / f"{REJECTED_PREFIX}{path.name}"
+    if target.exists():
+        target = path.parent / f"{REJECTED_PREFIX}{path.name}-{int(time.time())}"
+    os.replace(path, target)
+    return target
 
 
 def save_checkpoint(accelerator: Any, output_dir: str | Path, step: int, state: dict, keep_last: int) -> tuple[Path, float]:
@@ -72,6 +219,19 @@ def save_checkpoint(accelerator: Any, output_dir: str | Path, step: int, state: 
     Returns:
         (the checkpoint path, seconds it took).
     """
+    try:
+        return _save_checkpoint(accelerator, output_dir, step, state, keep_last)
+    except OSError as err:  # disk full, quota, permissions: the previous checkpoint is untouched
+        tmp = checkpoint_dir(output_dir) / f".tmp-{PREFIX}{step:08d}"
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        done = list_complete(output_dir)
+        kept = f"The last complete checkpoint, {done[-1]}, is intact" if done else "No earlier checkpoint exists"
+        raise CheckpointError(f"could not write the checkpoint of step {step} under {checkpoint_dir(output_dir)}: "
+                              f"{err.strerror or err}. {kept}; free space (or fix permissions) and rerun to resume.") from None
+
+
+def _save_checkpoint(accelerator: Any, output_dir: str | Path, step: int, state: dict, keep_last: int) -> tuple[Path, float]:
     start = time.perf_counter()
     root = checkpoint_dir(output_dir)
     final = root / f"{PREFIX}{step:08d}"
@@ -90,7 +250,7 @@ def save_checkpoint(accelerator: Any, output_dir: str | Path, step: int, state: 
             os.fsync(fh.fileno())
         (tmp / MARKER).write_text(f"step {step}\n", encoding="utf-8")
         if final.exists():  # re-saving the same step (e.g. preemption right after a periodic save)
-            shutil.rmtree(final)
+            shutil.rmtree(final)  # never a rejected one: those were renamed to rejected-step-N
         os.replace(tmp, final)
         _prune(root, keep_last, protect=state.get("best_checkpoint"))
     accelerator.wait_for_everyone()
@@ -108,9 +268,13 @@ def _prune(root: Path, keep_last: int, protect: Optional[str]) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(accelerator: Any, path: Path) -> dict:
-    """Restore model/optimizer/RNG into the prepared objects; return the trainer state."""
-    accelerator.load_state(str(path / "accelerate"))
+def load_checkpoint(accelerator: Any, path: Path, *, trust: bool = False) -> dict:
+    """Restore model/optimizer/RNG into the prepared objects; return the trainer state.
+
+    Call :func:`verify_checkpoint` first; ``trust`` lets accelerate unpickle the optimizer state freely.
+    """
+    kwargs = {"load_kwargs": {"weights_only": False}} if trust else {}
+    accelerator.load_state(str(path / "accelerate"), **kwargs)
     with open(path / STATE_FILE, encoding="utf-8") as fh:
         return json.load(fh)
 

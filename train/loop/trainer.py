@@ -22,8 +22,9 @@ from typing import Any, Optional
 
 from train.config import Config, save_config, to_dict
 from train.data import pipeline
-from train.errors import ConfigError, TrainingError
+from train.errors import CheckpointError, ConfigError, TrainingError
 from train.loop import checkpointing
+from train.loop.rundir import RunLock, check_run_dir
 from train.loop.hooks import CheckpointHook, EvalHook, LoggingHook, PreemptionHook, TrainContext
 from train.modeling import losses
 from train.modeling.features import collate, model_forward
@@ -158,87 +159,89 @@ def train(cfg: Config) -> dict:
     """
     import torch
 
-    # ---- model description, tokenizer, batch plan, accelerator (cheap; fail before any heavy work)
-    run = setup_run(cfg)
-    plan, accelerator, kind = run.plan, run.accelerator, run.info.kind
-    # ---- data: mixture stream -> packer (global, identical on every rank)
-    stream, packer, eval_set = pipeline.build_training_data(cfg, run.tokenizer, kind, accelerator)
-    # ---- model and optimizer; the LR is a pure function of the step (see set_lr)
-    model, optimizer = prepare_model(cfg, run)
-    lr_at = lr_lambda(cfg)
-    ctx = TrainContext(cfg=cfg, accelerator=accelerator, model=model, tokenizer=run.tokenizer, kind=kind)
-    ctx.flops_per_token = 6.0 * sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
-    resume(cfg, ctx, stream, packer, run.output_dir)
-    ctx.trainer_state = lambda: trainer_state(cfg, ctx, stream, packer)
+    # ---- model description, tokenizer, batch plan, accelerator, the run directory's lock (cheap; fail
+    # before any heavy work). The lock is held until train() returns or raises.
+    with setup_run(cfg) as run:
+        plan, accelerator, kind = run.plan, run.accelerator, run.info.kind
+        # ---- data: mixture stream -> packer (global, identical on every rank)
+        stream, packer, eval_set = pipeline.build_training_data(cfg, run.tokenizer, kind, accelerator)
+        # ---- model and optimizer; the LR is a pure function of the step (see set_lr)
+        model, optimizer = prepare_model(cfg, run)
+        lr_at = lr_lambda(cfg)
+        ctx = TrainContext(cfg=cfg, accelerator=accelerator, model=model, tokenizer=run.tokenizer, kind=kind)
+        ctx.flops_per_token = 6.0 * sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
+        resume(cfg, ctx, stream, packer, run.output_dir)
+        ctx.trainer_state = lambda: trainer_state(cfg, ctx, stream, packer)
 
-    preemption = PreemptionHook(ctx)
-    logging_hook, eval_hook = LoggingHook(ctx), EvalHook(ctx, eval_set)
-    eval_hook.logger = logging_hook
-    # Order matters at the end: eval before the final checkpoint (best_metric), logging closes last.
-    hooks = [eval_hook, CheckpointHook(ctx), preemption, logging_hook]
-    mode = cfg.trainer.loss_normalization
+        preemption = PreemptionHook(ctx)
+        logging_hook, eval_hook = LoggingHook(ctx), EvalHook(ctx, eval_set)
+        eval_hook.logger = logging_hook
+        # Order matters at the end: eval before the final checkpoint (best_metric), logging closes last.
+        hooks = [eval_hook, CheckpointHook(ctx), preemption, logging_hook]
+        mode = cfg.trainer.loss_normalization
 
-    # ---- the loop
-    start_step, start_tokens = ctx.step, ctx.tokens_seen
-    loop_start = time.perf_counter()
-    model.train()
-    while ctx.step < cfg.trainer.max_steps and ctx.stop_reason is None:
-        step_start = time.perf_counter()
-        rows = [packer.next_row(stream) for _ in range(plan.global_rows)]  # (global_rows,) identical on all ranks
-        micro_batches = rank_micro_batches(cfg, run, rows, announce_step=ctx.step + 1 if ctx.step == start_step else None)
-        denominator = global_denominator(micro_batches, mode, plan, accelerator)
-        ctx.lr = set_lr(optimizer, cfg.optim.lr * lr_at(ctx.step))
-        numerator_sum = torch.zeros((), device=accelerator.device)
-        # accelerate syncs and steps when its micro-batch counter hits a multiple of grad_accum. A step
-        # always runs exactly grad_accum micro-batches, so start each one at 0: a counter restored from a
-        # checkpoint written with another accumulation (another rank count) would otherwise step mid-batch.
-        accelerator.step = 0
-        grad_norm = None
-        for batch in micro_batches:
-            batch = {k: v.to(accelerator.device) if hasattr(v, "to") else v for k, v in batch.items()}
-            with accelerator.accumulate(model):
-                with accelerator.autocast():
-                    logits = model_forward(model, batch, kind)
-                numerator = losses.local_numerator(losses.token_nll(logits, batch["labels"]), batch, mode)
-                # accelerate (and DeepSpeed) divide by grad_accum and DDP averages over ranks: undo both,
-                # so the summed gradient is exactly d(global numerator / global denominator).
-                loss = losses.scaled_loss(numerator, denominator, mode=mode, world_size=plan.world_size)
-                accelerator.backward(loss * plan.grad_accum)
-                numerator_sum += numerator.detach()
-                if accelerator.sync_gradients and cfg.optim.clip_grad_norm and not cfg.trainer.deepspeed:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-        if cfg.trainer.deepspeed and hasattr(model, "get_global_grad_norm"):
-            grad_norm = model.get_global_grad_norm()  # DeepSpeed clips inside its step and keeps the norm
-        step_loss = accelerator.reduce(numerator_sum, reduction="sum") if plan.world_size > 1 else numerator_sum
-        ctx.last_loss = float(step_loss) / denominator if mode != "sum" and denominator > 0 else float(step_loss)
-        if cfg.trainer.nan_guard and not math.isfinite(ctx.last_loss):
-            logging_hook.log({"train/loss_last": ctx.last_loss}, ctx.step + 1)
-            raise TrainingError(
-                f"non-finite loss ({ctx.last_loss}) at step {ctx.step + 1}; stopped without saving this step. "
-                f"The last good checkpoint under {checkpointing.checkpoint_dir(run.output_dir)} is intact. "
-                "Lower `optim.lr`, use `trainer.precision=bf16` or fp32 (not fp16 for T5), or check the data.")
-        record_step(cfg, ctx, rows, packer, grad_norm, time.perf_counter() - step_start)
-        preemption.check(ctx)
+        # ---- the loop
+        start_step, start_tokens = ctx.step, ctx.tokens_seen
+        loop_start = time.perf_counter()
+        model.train()
+        while ctx.step < cfg.trainer.max_steps and ctx.stop_reason is None:
+            step_start = time.perf_counter()
+            rows = [packer.next_row(stream) for _ in range(plan.global_rows)]  # (global_rows,) identical on all ranks
+            announce = ctx.step + 1 if ctx.step == start_step else None  # the first step prints each rank's rows
+            micro_batches = rank_micro_batches(cfg, run, rows, announce_step=announce)
+            denominator = global_denominator(micro_batches, mode, plan, accelerator)
+            ctx.lr = set_lr(optimizer, cfg.optim.lr * lr_at(ctx.step))
+            numerator_sum = torch.zeros((), device=accelerator.device)
+            # accelerate syncs and steps when its micro-batch counter hits a multiple of grad_accum. A step
+            # always runs exactly grad_accum micro-batches, so start each one at 0: a counter restored from a
+            # checkpoint written with another accumulation (another rank count) would otherwise step mid-batch.
+            accelerator.step = 0
+            grad_norm = None
+            for batch in micro_batches:
+                batch = {k: v.to(accelerator.device) if hasattr(v, "to") else v for k, v in batch.items()}
+                with accelerator.accumulate(model):
+                    with accelerator.autocast():
+                        logits = model_forward(model, batch, kind)
+                    numerator = losses.local_numerator(losses.token_nll(logits, batch["labels"]), batch, mode)
+                    # accelerate (and DeepSpeed) divide by grad_accum and DDP averages over ranks: undo both,
+                    # so the summed gradient is exactly d(global numerator / global denominator).
+                    loss = losses.scaled_loss(numerator, denominator, mode=mode, world_size=plan.world_size)
+                    accelerator.backward(loss * plan.grad_accum)
+                    numerator_sum += numerator.detach()
+                    if accelerator.sync_gradients and cfg.optim.clip_grad_norm and not cfg.trainer.deepspeed:
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+            if cfg.trainer.deepspeed and hasattr(model, "get_global_grad_norm"):
+                grad_norm = model.get_global_grad_norm()  # DeepSpeed clips inside its step and keeps the norm
+            step_loss = accelerator.reduce(numerator_sum, reduction="sum") if plan.world_size > 1 else numerator_sum
+            ctx.last_loss = float(step_loss) / denominator if mode != "sum" and denominator > 0 else float(step_loss)
+            if cfg.trainer.nan_guard and not math.isfinite(ctx.last_loss):
+                logging_hook.log({"train/loss_last": ctx.last_loss}, ctx.step + 1)
+                raise TrainingError(
+                    f"non-finite loss ({ctx.last_loss}) at step {ctx.step + 1}; stopped without saving this step. "
+                    f"The last good checkpoint under {checkpointing.checkpoint_dir(run.output_dir)} is intact. "
+                    "Lower `optim.lr`, use `trainer.precision=bf16` or fp32 (not fp16 for T5), or check the data.")
+            record_step(cfg, ctx, rows, packer, grad_norm, time.perf_counter() - step_start)
+            preemption.check(ctx)
+            for hook in hooks:
+                hook.on_step_end(ctx)
+
+        loop_seconds = time.perf_counter() - loop_start
+        end_start = time.perf_counter()
         for hook in hooks:
-            hook.on_step_end(ctx)
-
-    loop_seconds = time.perf_counter() - loop_start
-    end_start = time.perf_counter()
-    for hook in hooks:
-        hook.on_train_end(ctx)
-    if cfg.checkpoint.export_final and ctx.stop_reason is None:
-        checkpointing.export_model(accelerator, model, run.tokenizer, run.output_dir / "final")
-    summary = {"steps": ctx.step, "final_loss": ctx.last_loss, "tokens_seen": ctx.tokens_seen,
-               "stop_reason": ctx.stop_reason, "eval": ctx.eval_results,
-               "checkpoint_seconds": ctx.checkpoint_seconds, "output_dir": str(run.output_dir),
-               "train_loop_seconds": loop_seconds, "final_eval_and_save_seconds": time.perf_counter() - end_start,
-               "tokens_per_second": (ctx.tokens_seen - start_tokens) / max(loop_seconds, 1e-9),
-               "packing": packer.efficiency(), "packing_stats": dict(packer.stats)}
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return summary
+            hook.on_train_end(ctx)
+        if cfg.checkpoint.export_final and ctx.stop_reason is None:
+            checkpointing.export_model(accelerator, model, run.tokenizer, run.output_dir / "final")
+        summary = {"steps": ctx.step, "final_loss": ctx.last_loss, "tokens_seen": ctx.tokens_seen,
+                   "stop_reason": ctx.stop_reason, "eval": ctx.eval_results,
+                   "checkpoint_seconds": ctx.checkpoint_seconds, "output_dir": str(run.output_dir),
+                   "train_loop_seconds": loop_seconds, "final_eval_and_save_seconds": time.perf_counter() - end_start,
+                   "tokens_per_second": (ctx.tokens_seen - start_tokens) / max(loop_seconds, 1e-9),
+                   "packing": packer.efficiency(), "packing_stats": dict(packer.stats)}
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        return summary
 
 
 # --------------------------------------------------------------------------------------------------
@@ -256,6 +259,13 @@ class RunSetup:
     plan: BatchPlan
     accelerator: Any
     output_dir: Path
+    lock: RunLock  # held by the main process until train() returns or raises
+
+    def __enter__(self) -> "RunSetup":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.lock.release()
 
 
 def setup_run(cfg: Config) -> RunSetup:
@@ -278,12 +288,29 @@ def setup_run(cfg: Config) -> RunSetup:
     if accelerator.num_processes != world_size:
         raise TrainingError(f"WORLD_SIZE says {world_size} ranks but accelerate started {accelerator.num_processes}; "
                             "on CPU launch with `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N`.")
-    output_dir = Path(cfg.run.output_dir)
+    output_dir, lock = Path(cfg.run.output_dir), RunLock(Path(cfg.run.output_dir))
+    refusal = None
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            check_run_dir(output_dir)
+            lock.acquire()  # before config.yaml: a second run must not overwrite the first one's files
+        except ConfigError as err:
+            refusal = err
+    if _any_rank(accelerator, refusal is not None):  # every rank stops, not only the main one
+        raise refusal or ConfigError(f"the main process refused the run directory {output_dir} (see its message).")
+    if accelerator.is_main_process:
         save_config(cfg, output_dir / "config.yaml")
         accelerator.print(f"[mtf] {plan.describe()}; model kind {info.kind}; device {accelerator.device}")
-    return RunSetup(model_config, tokenizer, info, plan, accelerator, output_dir)
+    return RunSetup(model_config, tokenizer, info, plan, accelerator, output_dir, lock)
+
+
+def _any_rank(accelerator: Any, flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any rank."""
+    if accelerator.num_processes == 1:
+        return flag
+    import torch
+
+    return bool(accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), reduction="sum") > 0)
 
 
 def prepare_model(cfg: Config, run: RunSetup) -> tuple[Any, Any]:
@@ -297,17 +324,43 @@ def prepare_model(cfg: Config, run: RunSetup) -> tuple[Any, Any]:
 
 
 def resume(cfg: Config, ctx: TrainContext, stream: Any, packer: Any, output_dir: Path) -> None:
-    """Restore weights, optimizer, RNG, the stream's and packer's positions and the counters, if a checkpoint is due."""
-    resume_from = checkpointing.find_resume_checkpoint(cfg.trainer.resume, output_dir)
+    """Restore weights, optimizer, RNG, the stream's and packer's positions and the counters, if a checkpoint is due.
+
+    Every file is verified first (no unpickling of code, nothing truncated), and the checkpoint's config
+    must match this run's except for keys that cannot change the training (see ``RESUME_MAY_CHANGE``).
+
+    Raises:
+        CheckpointError: a damaged or untrusted checkpoint, or a config that changed; nothing was loaded.
+    """
+    t, accelerator = cfg.trainer, ctx.accelerator
+    resume_from, skipped = checkpointing.find_resume_checkpoint(t.resume, output_dir, fallback=t.resume_fallback,
+                                                                trust=t.trust_checkpoint)
+    accelerator.wait_for_everyone()  # every rank has chosen before the bad ones are moved aside
+    if accelerator.is_main_process:
+        for bad, why in skipped:
+            accelerator.print(f"[mtf] WARNING: skipped {bad} (moved to {checkpointing.reject(bad)}): {why}")
+    accelerator.wait_for_everyone()
     if resume_from is None:
         return
-    state = checkpointing.load_checkpoint(ctx.accelerator, resume_from)
-    stream.load_state_dict(state["stream"])
-    packer.load_state_dict(state["packer"])
+    state = json.loads((resume_from / checkpointing.STATE_FILE).read_text(encoding="utf-8"))
+    changes = checkpointing.config_changes(state.get("config") or {}, to_dict(cfg), t.resume_allow_changes)
+    if changes:
+        raise CheckpointError(
+            f"the config changed since checkpoint {resume_from}: {'; '.join(changes)}. Resuming would silently train "
+            "something else. Restore those values, accept them with `trainer.resume_allow_changes=[key, ...]` "
+            "(or `[\"*\"]`), or start a new run (`trainer.resume=none` or another `run.output_dir`).")
+    state = checkpointing.load_checkpoint(accelerator, resume_from, trust=t.trust_checkpoint)
+    try:
+        stream.load_state_dict(state["stream"])
+        packer.load_state_dict(state["packer"])
+    except (KeyError, TypeError, ValueError, IndexError) as err:
+        raise CheckpointError(f"checkpoint {resume_from}: the data position in {checkpointing.STATE_FILE} is damaged "
+                              f"({type(err).__name__}: {err}). Resume from an earlier checkpoint with "
+                              "`trainer.resume=<path>`.") from None
     ctx.step, ctx.tokens_seen, ctx.examples_seen = state["step"], state["tokens_seen"], state["examples_seen"]
     ctx.task_counts = Counter(state.get("task_counts", {}))
     ctx.best_metric_value = state.get("best_metric_value")
-    ctx.accelerator.print(f"[mtf] resumed from {resume_from} at step {ctx.step}")
+    accelerator.print(f"[mtf] resumed from {resume_from} at step {ctx.step}")
 
 
 def trainer_state(cfg: Config, ctx: TrainContext, stream: Any, packer: Any) -> dict:
@@ -328,7 +381,8 @@ def rank_micro_batches(cfg: Config, run: RunSetup, rows: list[dict], announce_st
     if announce_step is not None and plan.world_size > 1:
         # Evidence that the run is really data parallel: each rank trains on different rows.
         digest = hashlib.sha1(json.dumps([r["input_ids"] for r in mine]).encode()).hexdigest()[:12]
-        print(f"[mtf] rank {rank}/{plan.world_size} step {announce_step} rows digest {digest}", flush=True)
+        # One write with its newline, so the ranks' lines cannot interleave on a shared stdout.
+        print(f"[mtf] rank {rank}/{plan.world_size} step {announce_step} rows digest {digest}\n", end="", flush=True)
     return [collate(mine[i:i + plan.micro_batch_size], kind=info.kind, pad_id=info.pad_token_id,
                     decoder_start_id=info.decoder_start_token_id, max_input_tokens=cfg.data.max_input_tokens,
                     max_target_tokens=cfg.data.max_target_tokens, max_tokens=cfg.data.max_tokens)
