@@ -324,7 +324,7 @@ def test_missing_field_below_threshold_is_counted_and_skipped(tmp_path, cache):
     assert len(ds) == 8 and 4 not in ds["example_index"]
     entry = {e["template"]: e for e in report.to_dict()}["exercise"]
     assert entry["skipped"] == {"missing_field": 1}
-    assert entry["first_skip"]["missing_field"] == {"example_index": 4, "detail": "[7]"}
+    assert entry["first_skip"]["missing_field"] == {"example_index": 4, "detail": "[7] (an index out of range)"}
     assert set(ds["targets"][0]) == {"b"}
 
 

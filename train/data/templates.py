@@ -314,7 +314,9 @@ def _undefined_field(message: str) -> str:
     if m:
         return m.group(1)
     m = re.search(r"has no element (\S+)", message)  # e.g. answer_choices[label] with an out-of-range label
-    return f"[{m.group(1)}]" if m else message
+    if m and m.group(1) == "None":
+        return "[None] (a list indexed with a null field: drop such rows or fill the field with a preprocessor)"
+    return f"[{m.group(1)}] (an index out of range)" if m else message
 
 
 # ------------------------------------------------------------------------------------------- environment

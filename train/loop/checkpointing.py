@@ -14,8 +14,8 @@ the next successful save). The data position is restored from the mixture stream
 
 Before anything is loaded, :func:`verify_checkpoint` checks every file: ``trainer_state.json`` parses and
 has its entries, every safetensors file is whole, and every torch pickle (optimizer, RNG, DeepSpeed
-states) loads with ``weights_only=True`` — tensors and plain containers only, so resuming never runs
-code planted in a checkpoint. A file that needs arbitrary unpickling is refused by name; a user who
+states) is scanned, without unpickling, for the globals it would import: tensors, plain containers and
+a short allowlist of data classes only, so resuming never runs code planted in a checkpoint. A file that needs arbitrary unpickling is refused by name; a user who
 trusts the checkpoint sets ``trainer.trust_checkpoint=true``. A newest checkpoint that fails is
 reported by name and left in place; ``trainer.resume_fallback=true`` resumes from the newest one that
 passes instead, after moving the bad ones to ``checkpoints/rejected-step-N/`` (never deleted).
@@ -144,25 +144,35 @@ def _verify_safetensors(file: Path) -> None:
         raise CheckpointError(f"checkpoint file {file} is damaged ({err}); was the save interrupted or the disk full?") from None
 
 
-def _verify_pickle(file: Path) -> None:
-    """Load with ``weights_only=True`` (memory-mapped: the tensor data is not read) and accelerate's numpy allowlist."""
-    import pickle
+# Globals a checkpoint's pickles may name besides torch's own tensor-rebuilding ones (which
+# ``weights_only`` always allows): the numpy RNG state accelerate saves, and the plain data classes
+# DeepSpeed puts in its optimizer states. Anything else (``os.system``, ``builtins.open``, ...) is refused.
+ALLOWED_PICKLE_GLOBALS = frozenset({
+    "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct", "numpy.ndarray", "numpy.dtype",
+    "numpy.dtypes.UInt32DType", "numpy.dtypes.Float64DType", "numpy.dtypes.Int64DType",
+    "deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler", "deepspeed.utils.tensor_fragment.fragment_address",
+})
 
+
+def _verify_pickle(file: Path) -> None:
+    """List the globals the file's pickle would import, without unpickling it; refuse any not allowed.
+
+    DeepSpeed later loads its own files with ``weights_only=False``; this scan is what makes that safe.
+    """
     import torch
-    from accelerate.utils.other import TORCH_SAFE_GLOBALS
 
     try:
-        with torch.serialization.safe_globals(TORCH_SAFE_GLOBALS):
-            torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as err:
-        detail = str(err).split("Please file an issue")[0].split("WeightsUnpickler error:")[-1].strip()[:300]
-        raise CheckpointError(
-            f"checkpoint file {file} holds Python objects beyond tensors and plain containers, and loading it would "
-            f"run arbitrary code ({detail}). Refused: nothing from it was executed. If you made this checkpoint "
-            "yourself and trust it, resume with `trainer.trust_checkpoint=true`.") from None
-    except (RuntimeError, OSError, EOFError, ValueError) as err:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(str(file))
+    except Exception as err:  # noqa: BLE001 - a damaged zip or pickle raises several error types
         raise CheckpointError(f"checkpoint file {file} is damaged ({str(err).splitlines()[0]}); "
                               "was the save interrupted or the disk full?") from None
+    refused = sorted(set(names) - ALLOWED_PICKLE_GLOBALS)
+    if refused:
+        raise CheckpointError(
+            f"checkpoint file {file} holds Python objects beyond tensors and plain data ({', '.join(refused)}), and "
+            "loading it would run arbitrary code. Refused: nothing from it was executed. If you made this checkpoint "
+            "yourself and trust it, resume with `trainer.trust_checkpoint=true`.")
 
 
 # Keys (or whole sections) that may differ between a checkpoint's config and the resuming run's: they do
