@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from conftest import FAST
+from test_trainer import _losses
 from train.cli import main
 from train.loop.checkpointing import MARKER, list_complete
 from train.loop.rundir import RunLock
@@ -71,15 +72,6 @@ def user_error(argv: list[str], capsys, *phrases: str) -> str:
     assert "Traceback" not in out, out[-3000:]
     for phrase in phrases:
         assert phrase in out, (phrase, out[-3000:])
-    return out
-
-
-def _losses(run_dir: Path) -> dict[int, float]:
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "train/loss_last" in record:
-            out[record["step"]] = record["train/loss_last"]
     return out
 
 
