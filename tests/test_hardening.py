@@ -551,3 +551,34 @@ def test_eval_merge_refuses_duplicated_and_missing_shards(tmp_path, capsys):
     shutil.copy(shard, twin)
     user_error(["eval-merge", shard, twin], capsys, "are both shard 0/12; merge each shard once")
     user_error(["eval-merge", shard, "--mixture", "data_mixtures/demo_eval.yaml"], capsys, "missing")
+
+
+def test_ctrl_c_checkpoints_and_exits_with_the_preemption_code(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from test_trainer import _env, _wait_for_checkpoint
+
+    run = tmp_path / "interrupted"
+    proc = subprocess.Popen([sys.executable, "-m", "train.cli", *_train_args(run, 500)], cwd=REPO, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_checkpoint(run, 2, proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 3, err[-3000:]
+    assert "Ctrl-C: stopping after this step with a checkpoint" in err and "stopped early (interrupted)" in out
+    state = json.loads((_newest(run) / "trainer_state.json").read_text())
+    assert max(_losses(run)) == state["step"] < 500  # the checkpoint is of the last finished step
+
+
+def test_a_stream_where_every_example_is_dropped_stops_with_an_error():
+    import itertools
+
+    from train.data import Packer
+    from train.errors import DataError
+
+    packer = Packer("encdec", max_input_tokens=4, max_target_tokens=4, overlong_policy="drop")
+    forever = itertools.repeat({"input_ids": list(range(3, 40)), "target_ids": [5, 1], "task": "long"})
+    with pytest.raises(DataError, match=r"all dropped as over-long .*4 input \+ 4 target tokens.*truncate_\* policy"):
+        packer.next_row(forever)

@@ -245,8 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixture", required=True, help="eval mixture YAML, e.g. data_mixtures/demo_eval.yaml")
     p.add_argument("--kind", default="auto", choices=["auto", "encdec", "decoder", "prefix_lm"])
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model directory)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-examples-per-template", type=int, default=None)
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--max-examples-per-template", type=positive_int, default=None)
     p.add_argument("--output", default=None, help="write the results JSON here")
     p.add_argument("--shard", default=None, help="INDEX/COUNT: evaluate only the (dataset, template) pairs i (in mixture "
                    "order) with i %% COUNT == INDEX; with COUNT = --count-shards each Slurm array element scores one "
@@ -276,25 +276,36 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("preview", "Print rendered examples (input, target, choices) of a task or of every task in a mixture file.",
             cmd_tasks_preview, tasks)
     p.add_argument("target", help="a mixture/task YAML file, or FILE:TASK for one task")
-    p.add_argument("--n", type=int, default=3)
+    p.add_argument("--n", type=positive_int, default=3)
     p.add_argument("--json", action="store_true")
 
     mixture = sub.add_parser("mixture", help="mixtures").add_subparsers(dest="sub", required=True, metavar="SUBCOMMAND")
     p = add("show", "Per-task examples, rate, share of samples and tokens, expected epochs for --steps and --batch-tokens "
             "(flagging tasks repeated more than 4 times), and realised shares measured from the stream.", cmd_mixture_show, mixture)
     p.add_argument("mixture")
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--batch-tokens", type=int, default=65536)
+    p.add_argument("--steps", type=positive_int, default=1000)
+    p.add_argument("--batch-tokens", type=positive_int, default=65536)
     p.add_argument("--tokenizer", default="configs/tokenizers/t5")
     p.add_argument("--kind", default="encdec", choices=["encdec", "decoder", "prefix_lm"])
-    p.add_argument("--samples", type=int, default=20000, help="stream samples drawn to measure realised shares")
+    p.add_argument("--samples", type=positive_int, default=20000, help="stream samples drawn to measure realised shares")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--plot", default=None, help="write a bar chart of the composition to this PNG")
-    p.add_argument("--max-examples-per-task", type=int, default=None,
+    p.add_argument("--max-examples-per-task", type=positive_int, default=None,
                    help="render only the first N rows of each task (a quick look; counts and rates then reflect N)")
     p.add_argument("--data-root", default=None, help="read hub sources from local files under this root (as MTF_DATA_ROOT)")
     p.add_argument("--json", action="store_true")
     return parser
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (argparse then names the flag in its usage error, exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not at least 1")
+    return value
 
 
 def main(argv: Optional[list[str]] = None) -> int:

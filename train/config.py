@@ -395,6 +395,9 @@ def problems(cfg: Config) -> list[str]:
             "(t5#539, transformers#9295). Use `trainer.precision=bf16` (or fp32)."
         )
     out.extend(_bound_problems(cfg, file))
+    for key in all_keys():
+        if get_key(cfg, key) == "":  # e.g. `run.output_dir=` would write into the current directory
+            out.append(f"{file}: `{key}` is an empty string; give a value (or null where that is allowed).")
     if (t.global_batch_size is None) == (t.global_batch_tokens is None):
         out.append(f"{file}: set exactly one of `trainer.global_batch_size` (rows) and `trainer.global_batch_tokens`; the other must be null.")
     if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):

@@ -59,6 +59,7 @@ from train.errors import ConfigError, DataError
 KINDS = ("encdec", "decoder", "prefix_lm")
 OVERLONG_POLICIES = ("truncate_left", "truncate_right", "truncate_target", "drop")
 STATE_VERSION = 1
+MAX_DROPS_IN_A_ROW = 10_000  # consecutive over-long drops after which packing gives up with an error
 
 # Counter names in Packer.stats (all ints); efficiency figures are derived by Packer.efficiency().
 _COUNTERS = (
@@ -130,6 +131,7 @@ class Packer:
         self._ready: deque[dict] = deque()  # rows built and waiting to be returned
         self._exhausted = False
         self.stats: dict[str, int] = {name: 0 for name in _COUNTERS}
+        self._dropped_in_a_row = 0  # derived, not saved: it only decides when to give up on a stream
 
     # ------------------------------------------------------------------ public API
 
@@ -241,7 +243,15 @@ class Packer:
         self.stats["examples_seen"] += 1
         example = self._fit(self._validated(raw))
         if example is None:
+            self._dropped_in_a_row += 1
+            if self._dropped_in_a_row >= MAX_DROPS_IN_A_ROW:  # an infinite stream would never give a row
+                raise DataError(
+                    f"packing: the last {self._dropped_in_a_row:,} examples were all dropped as over-long "
+                    f"(data.overlong={self.overlong_policy!r}; e.g. task {raw.get('task', '?')!r} with "
+                    f"{len(raw['input_ids'])} input and {len(raw['target_ids'])} target tokens against rows of "
+                    f"{self._capacity()}). Raise the row capacity or use a truncate_* policy.")
             return
+        self._dropped_in_a_row = 0
         if not self.pack:
             self._emit([example])
             return
@@ -259,6 +269,11 @@ class Packer:
             self._sizes[best] = (used_in + n_in, used_tgt + n_tgt)
         if self._is_full(self._sizes[best]):
             self._emit(best)
+
+    def _capacity(self) -> str:
+        if self.kind == "encdec":
+            return f"{self.max_input_tokens} input + {self.max_target_tokens} target tokens"
+        return f"{self.max_tokens} tokens"
 
     def _validated(self, raw: dict) -> dict:
         where = f"task {raw.get('task', '?')!r}, index {raw.get('index', '?')!r}"

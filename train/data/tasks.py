@@ -43,6 +43,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import difflib
+import glob
 import hashlib
 import io
 import json
@@ -536,7 +537,17 @@ def _as_files(value: Any, base: Path, where: str) -> tuple[str, ...]:
     files = [value] if isinstance(value, str) else value
     if not isinstance(files, list) or not files or not all(isinstance(f, str) for f in files):
         raise ConfigError(f"{where}: data_files must be a path or a list of paths")
-    return tuple(_resolve(base, f) for f in files)
+    out: list[str] = []
+    for f in files:
+        resolved = _resolve(base, f)
+        if glob.has_magic(resolved):  # shards like train-*.jsonl, as datasets accepts them
+            matches = sorted(glob.glob(resolved))
+            if not matches:
+                raise ConfigError(f"{where}: data_files pattern {f!r} matches no file (looked for {resolved})")
+            out.extend(matches)
+        else:
+            out.append(resolved)
+    return tuple(out)
 
 
 def _type_from_files(files: Sequence[str], where: str) -> str:

@@ -8,6 +8,7 @@ the data stream or the optimizer.
 from __future__ import annotations
 
 import signal
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -151,28 +152,40 @@ class PreemptionHook:
 
     def __init__(self, ctx: TrainContext):
         self.requested = False
+        self.interrupted = False
         self.start = time.monotonic()
         self.max_time = ctx.cfg.trainer.max_time
         self.previous = {}
-        for sig in self.SIGNALS:
+        for sig, handler in ((signal.SIGTERM, self._handler), (signal.SIGUSR1, self._handler),
+                             (signal.SIGINT, self._interrupt)):
             try:
-                self.previous[sig] = signal.signal(sig, self._handler)
+                self.previous[sig] = signal.signal(sig, handler)
             except ValueError:  # not the main thread (e.g. inside a test runner thread)
                 pass
 
     def _handler(self, signum, frame) -> None:
         self.requested = True
 
+    def _interrupt(self, signum, frame) -> None:
+        """Ctrl-C: finish the step and checkpoint, like a preemption; a second Ctrl-C aborts at once."""
+        self.interrupted = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print("\n[mtf] Ctrl-C: stopping after this step with a checkpoint (press Ctrl-C again to abort without one)",
+              file=sys.stderr, flush=True)
+
     def check(self, ctx: TrainContext) -> None:
         """Called by the loop before the other hooks; sets ``ctx.stop_reason`` on every rank alike."""
         import torch
 
-        flags = [float(self.requested), float(self.max_time is not None and time.monotonic() - self.start > self.max_time)]
+        flags = [float(self.requested), float(self.max_time is not None and time.monotonic() - self.start > self.max_time),
+                 float(self.interrupted)]
         tensor = torch.tensor(flags, device=ctx.accelerator.device)
         if ctx.accelerator.num_processes > 1:
             tensor = ctx.accelerator.reduce(tensor, reduction="sum")
         if tensor[0] > 0:
             ctx.stop_reason = "preempted"
+        elif tensor[2] > 0:
+            ctx.stop_reason = "interrupted"
         elif tensor[1] > 0:
             ctx.stop_reason = "max_time"
 
