@@ -145,6 +145,19 @@ def test_bad_config_values_are_refused_before_any_work(override, phrase, capsys)
     user_error(["train", DEMO, override], capsys, phrase)
 
 
+@pytest.mark.parametrize("argv, hint", [
+    (["train", DEMO, "--max-steps", "5"], "Did you mean `trainer.max_steps=5`?"),
+    (["train", DEMO, "--lr=3e-4"], "Did you mean `optim.lr=3e-4`?"),
+    (["validate", DEMO, "--output-dir", "x"], "Did you mean `run.output_dir=x`?"),
+])
+def test_a_flag_instead_of_an_override_points_to_the_override(argv, hint, capsys):
+    user_error(argv, capsys, "config values are set as dotted key=value overrides", hint)
+
+
+def test_an_empty_output_dir_would_write_into_the_current_directory(capsys):
+    user_error(["train", DEMO, "run.output_dir="], capsys, "`run.output_dir` is an empty string")
+
+
 def test_validate_lists_every_bound_problem_at_once(capsys):
     user_error(["validate", DEMO, "trainer.global_batch_size=-8", "optim.eps=0", "logging.every_steps=0"], capsys,
                "`trainer.global_batch_size` is -8", "`optim.eps` is 0.0", "`logging.every_steps` is 0", "3 problem(s) found")
@@ -286,6 +299,13 @@ def test_preview_of_a_label_out_of_range(tmp_path, capsys):
 def test_preview_of_null_labels(tmp_path, capsys):
     mix = _task_dir(tmp_path, [{"text": "good", "label": None}, {"text": "bad", "label": None}], names=["good"])
     user_error(["tasks", "preview", mix], capsys, "a list indexed with a null field")
+
+
+def test_a_null_field_is_not_rendered_as_the_text_none(tmp_path, capsys):
+    mix = _task_dir(tmp_path, [{"text": None, "label": 1}, {"text": None, "label": 0}, {"text": "ok", "label": 0}],
+                    names=["good"])
+    out = user_error(["tasks", "preview", mix], capsys, "template 'good'", "(a null value)")
+    assert "Review: None" not in out and "input:   Review: ok" in out
 
 
 def test_training_on_a_template_without_a_target_is_refused(tmp_path, capsys):
@@ -582,3 +602,24 @@ def test_a_stream_where_every_example_is_dropped_stops_with_an_error():
     forever = itertools.repeat({"input_ids": list(range(3, 40)), "target_ids": [5, 1], "task": "long"})
     with pytest.raises(DataError, match=r"all dropped as over-long .*4 input \+ 4 target tokens.*truncate_\* policy"):
         packer.next_row(forever)
+
+
+@pytest.mark.parametrize("damage, phrase", [("remove", "has config.json but no model weights"),
+                                            ("truncate", "is damaged")])
+def test_training_from_a_damaged_pretrained_model(tmp_path, damage, phrase, capsys):
+    export = _export(tmp_path)
+    weights = export / "model.safetensors"
+    if damage == "remove":
+        weights.unlink()
+    else:
+        weights.write_bytes(weights.read_bytes()[:200])
+    args = ["model.config=null", f"model.name_or_path={export}", "model.tokenizer=null"]
+    user_error(["validate", DEMO, *args], capsys, "model weights are present and whole", phrase)
+    user_error(_train_args(tmp_path / "r", 1, *args), capsys, str(export), phrase)
+
+
+def test_a_misspelled_best_metric_is_refused_before_training(tmp_path, capsys):
+    args = ["train", DEMO, *[o for o in FAST if not o.startswith("eval.mixture")], "logging.wandb.mode=disabled", "trainer.max_steps=1",
+            f"run.output_dir={tmp_path}", "eval.best_metric=eval/super_glue/cop/median"]
+    user_error(args, capsys, "is not a metric of the eval mixture", "Did you mean eval/super_glue/copa/median")
+    assert not list_complete(tmp_path)

@@ -297,6 +297,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _option_hint(unknown: list[str]) -> str:
+    """``--max-steps 5`` -> a pointer to the dotted override ``trainer.max_steps=5``."""
+    import difflib
+
+    from train.config import all_keys
+
+    flag, _, inline = unknown[0].lstrip("-").partition("=")
+    value = inline or (unknown[1] if len(unknown) > 1 and not unknown[1].startswith("--") else "<value>")
+    name = flag.replace("-", "_")
+    keys = all_keys()
+    by_leaf = [k for k in keys if k.split(".")[-1] == name]
+    close = by_leaf or difflib.get_close_matches(name, keys, n=1, cutoff=0.6) or \
+        [k for k in keys if difflib.get_close_matches(name, [k.split(".")[-1]], n=1, cutoff=0.75)][:1]
+    hint = f" Did you mean `{close[0]}={value}`?" if close else ""
+    return (f"unknown option {unknown[0]}: config values are set as dotted key=value overrides after the config "
+            f"file, e.g. `mtf train configs/demo.yaml trainer.max_steps=50`.{hint}")
+
+
 def positive_int(text: str) -> int:
     """argparse type: a whole number >= 1 (argparse then names the flag in its usage error, exit 2)."""
     try:
@@ -311,7 +329,12 @@ def positive_int(text: str) -> int:
 def main(argv: Optional[list[str]] = None) -> int:
     _offline_defaults()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        if getattr(args, "command", None) in ("train", "validate") and unknown[0].startswith("--"):
+            print(f"mtf {args.command}: error: {_option_hint(unknown)}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        parser.parse_args(argv)  # argparse's own message and exit 2
     try:
         code = args.fn(args)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:

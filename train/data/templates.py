@@ -246,6 +246,10 @@ class Template:
     def _run(self, tpl: jinja2.Template, variables: dict, which: str) -> str:
         try:
             return tpl.render(**variables)
+        except _NullValue:
+            raise MissingFieldError(f"{self._where()}: a `{{{{ }}}}` expression in `{which}` is null (None) for this row; "
+                                    "it would render as the text 'None'. Fill or drop null fields with a preprocessor.",
+                                    NULL_FIELD) from None
         except jinja2.exceptions.SecurityError as e:
             raise TemplateError(f"{self._where()}: refused by the Jinja sandbox in `{which}`: {str(e).rstrip('.')}. "
                                 f"Templates may only read example fields.") from e
@@ -296,6 +300,7 @@ def _unescape_pipe(text: str) -> str:
     return text.replace(PIPE_PROTECTOR, ANSWER_SEPARATOR)
 
 
+NULL_FIELD = "(a null value)"  # the "field" of a MissingFieldError raised for a None value
 MAX_FAILURE_FRACTION = 0.5  # above this fraction of rows failing (missing field, render error) a template is an error
 
 
@@ -340,9 +345,18 @@ def _most_frequent(items: Iterable[Any]) -> Optional[list[Any]]:
     return [item for item, c in counts if c == top]
 
 
+class _NullValue(Exception):
+    """A ``{{ }}`` expression evaluated to None: a null field would otherwise render as the text "None"."""
+
+
 @jinja2.pass_context
 def _truncating_finalize(context: jinja2.runtime.Context, value: Any) -> Any:
-    """Applied to every ``{{ }}`` value: PromptSource's ``| string | truncate(TEXT_VAR_LENGTH)``."""
+    """Applied to every ``{{ }}`` value: PromptSource's ``| string | truncate(TEXT_VAR_LENGTH)``.
+
+    A None value raises instead of printing "None" into the prompt; the row is counted as a missing field.
+    """
+    if value is None:
+        raise _NullValue()
     limit = context.get(_TRUNC_VAR)
     if limit is None:
         return value

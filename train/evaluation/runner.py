@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from train.errors import ConfigError, DataError
+from train.modeling.models import check_local_weights
 
 Pair = tuple[str, str]  # (dataset, template)
 
@@ -174,7 +175,7 @@ def load_model_for_eval(model: str, kind: str = "auto", tokenizer: Optional[str]
     resolved = ("encdec" if is_encdec else "decoder") if kind == "auto" else kind
     auto = AutoModelForSeq2SeqLM if is_encdec else AutoModelForCausalLM
     if path.is_dir():
-        _check_local_weights(path)
+        check_local_weights(path)
     try:
         loaded = auto.from_pretrained(str(path))
     except (OSError, ValueError, RuntimeError) as err:
@@ -188,28 +189,6 @@ def load_model_for_eval(model: str, kind: str = "auto", tokenizer: Optional[str]
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return loaded, tok, resolved
-
-
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-
-
-def _check_local_weights(path: Path) -> None:
-    """A local model directory must hold weights, and its safetensors files must be whole.
-
-    Raises:
-        ConfigError: no weight file, or a damaged (e.g. truncated) one.
-    """
-    from safetensors import safe_open
-
-    if not any((path / name).exists() for name in WEIGHT_FILES) and not list(path.glob("model-*.safetensors")):
-        raise ConfigError(f"{path}: has config.json but no model weights ({', '.join(WEIGHT_FILES[::2])}). "
-                          "Was the export interrupted? Evaluate a run checkpoint or re-export.")
-    for file in sorted(path.glob("*.safetensors")):
-        try:
-            with safe_open(str(file), framework="pt") as handle:
-                handle.keys()
-        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
-            raise ConfigError(f"{file} is damaged ({err}); re-export the model or evaluate a checkpoint.") from None
 
 
 def _load_from_checkpoint(path: Path, kind: str, tokenizer: Optional[str]) -> tuple[Any, Any, str]:

@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 from train.loop import checkpointing
 from train.config import Config
+from train.errors import ConfigError
 from train.loop.loggers import MetricLoggers, estimate_mfu
 
 
@@ -209,6 +210,8 @@ class EvalHook:
         self.logger: Optional[LoggingHook] = None
         self.evaluators: dict = {}  # per-template cap -> ZeroShotEvaluator (tokenizes once)
         self.eval_set = eval_set
+        if self.cfg.best_metric and eval_set:
+            _check_best_metric(self.cfg.best_metric, eval_set)
 
     def _evaluator(self, ctx: TrainContext, cap: Optional[int]):
         if cap not in self.evaluators:
@@ -259,3 +262,28 @@ class EvalHook:
     def on_train_end(self, ctx: TrainContext) -> None:
         if self.cfg.at_end and ctx.stop_reason is None:
             self.run(ctx, final=True)
+
+
+def _check_best_metric(name: str, eval_set: tuple) -> None:
+    """``eval.best_metric`` must name a metric the eval set can produce; a typo would never export a best model.
+
+    Raises:
+        ConfigError: with the closest valid names.
+    """
+    import difflib
+
+    examples, clusters, languages = eval_set
+    datasets = sorted({str(ex["dataset"]) for ex in examples})
+    groups = {"cluster": set(clusters.values()) | {ex.get("cluster") for ex in examples if ex.get("cluster")},
+              "language": set(languages.values()) | {ex.get("language") for ex in examples if ex.get("language")}}
+    if any(name.startswith(f"eval/{d}/") for d in datasets):
+        return
+    if any(name == f"eval/{kind}/{g}/mean" for kind, names in groups.items() for g in names):
+        return
+    known = [f"eval/{d}/{stat}" for d in datasets for stat in ("median", "mean", "min", "max")]
+    known += [f"eval/{kind}/{g}/mean" for kind, names in groups.items() for g in sorted(names)]
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+    raise ConfigError(f"`eval.best_metric` = {name!r} is not a metric of the eval mixture "
+                      f"({len(datasets)} datasets). " + (f"Did you mean {', '.join(close)}? " if close else "")
+                      + f"Valid forms: eval/<dataset>/median, eval/<dataset>/<template>/accuracy, eval/cluster/<name>/mean; "
+                      f"datasets: {', '.join(datasets)}.")

@@ -8,6 +8,7 @@ and they agree (vocab size, model kind).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from train.errors import UserError
@@ -61,12 +62,14 @@ def validate_run(config_path: str, overrides: list[str]) -> dict[str, Any]:
     for name, task in tasks.items():
         attempt(f"task {name}: templates render on {PREVIEW_ROWS} rows", lambda task=task: _render_check(task))
 
-    from train.modeling.models import load_model_config, load_tokenizer, model_info
+    from train.modeling.models import check_local_weights, load_model_config, load_tokenizer, model_info
 
     model_config = attempt("model config loads", lambda: load_model_config(cfg.model))
     tokenizer = attempt("tokenizer loads", lambda: load_tokenizer(cfg.model))
     if model_config is not None and tokenizer is not None:
         attempt("model and tokenizer agree", lambda: model_info(cfg.model, model_config, tokenizer))
+    if cfg.model.name_or_path and Path(cfg.model.name_or_path).is_dir():
+        attempt("model weights are present and whole", lambda: check_local_weights(Path(cfg.model.name_or_path)))
     return {"config": str(config_path), "checks": checks, "problems": found}
 
 

@@ -120,6 +120,28 @@ def model_info(cfg: ModelConfig, model_config: Any, tokenizer: Any) -> ModelInfo
                      decoder_start_token_id=int(start), vocab_size=vocab)
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def check_local_weights(path: Path) -> None:
+    """A local model directory must hold weights, and its safetensors files must be whole.
+
+    Raises:
+        ConfigError: no weight file, or a damaged (e.g. truncated) one.
+    """
+    from safetensors import safe_open
+
+    if not any((path / name).exists() for name in WEIGHT_FILES) and not list(path.glob("model-*.safetensors")):
+        raise ConfigError(f"{path}: has config.json but no model weights ({', '.join(WEIGHT_FILES[::2])}). "
+                          "Was the export interrupted? Re-export it, or use a run checkpoint.")
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                handle.keys()
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+            raise ConfigError(f"{file} is damaged ({err}); re-export or re-download the model.") from None
+
+
 def build_model(cfg: ModelConfig, model_config: Any, kind: str) -> Any:
     """Load weights (``name_or_path``) or initialise randomly (``config``); the RNG must be seeded first."""
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
@@ -128,7 +150,13 @@ def build_model(cfg: ModelConfig, model_config: Any, kind: str) -> Any:
     if cfg.config:
         model = auto.from_config(model_config, attn_implementation=cfg.attn_implementation)
     else:
-        model = auto.from_pretrained(cfg.name_or_path, attn_implementation=cfg.attn_implementation)
+        if Path(cfg.name_or_path).is_dir():
+            check_local_weights(Path(cfg.name_or_path))
+        try:
+            model = auto.from_pretrained(cfg.name_or_path, attn_implementation=cfg.attn_implementation)
+        except (OSError, ValueError, RuntimeError) as err:
+            raise ConfigError(f"`model.name_or_path` = {cfg.name_or_path!r}: the weights cannot be loaded "
+                              f"({str(err).splitlines()[0]}).") from None
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if hasattr(model.config, "use_cache"):
