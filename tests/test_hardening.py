@@ -432,6 +432,21 @@ def test_a_planted_pickle_is_refused_and_never_runs(run, tmp_path, victim, capsy
     assert not marker.exists()
 
 
+def test_a_planted_pickle_in_a_deepspeed_state_file_is_refused(run, tmp_path):
+    from train.errors import CheckpointError
+    from train.loop.checkpointing import verify_checkpoint
+
+    marker = tmp_path / "PWNED"
+    shards = _newest(run) / "accelerate" / "pytorch_model"
+    shards.mkdir()
+    torch.save({"optimizer_state_dict": {"loss_scaler": _Planted(marker)}}, shards / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    with pytest.raises(CheckpointError, match=r"zero_pp_rank_0_mp_rank_00_optim_states.pt holds .*\(io.open\)"):
+        verify_checkpoint(_newest(run))
+    assert not marker.exists()
+    verify_checkpoint(_newest(run), trust=True)  # the documented opt-out skips the scan (and loads nothing here)
+    assert not marker.exists()
+
+
 def test_resume_with_a_changed_batch_size_is_refused(run, capsys):
     user_error(_train_args(run, 6, "trainer.global_batch_size=8"), capsys,
                "the config changed since checkpoint", "trainer.global_batch_size: 4 -> 8", "trainer.resume_allow_changes")
