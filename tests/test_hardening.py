@@ -377,6 +377,18 @@ def test_a_100k_token_example_follows_each_overlong_policy(policy, counter):
     assert kept == (0 if counter == "dropped_overlong" else 1)
 
 
+def test_a_stream_where_every_example_is_dropped_stops_with_an_error():
+    import itertools
+
+    from train.data import Packer
+    from train.errors import DataError
+
+    packer = Packer("encdec", max_input_tokens=4, max_target_tokens=4, overlong_policy="drop")
+    forever = itertools.repeat({"input_ids": list(range(3, 40)), "target_ids": [5, 1], "task": "long"})
+    with pytest.raises(DataError, match=r"all dropped as over-long .*4 input \+ 4 target tokens.*truncate_\* policy"):
+        packer.next_row(forever)
+
+
 # --------------------------------------------------------------------------------------------------
 # Training faults
 # --------------------------------------------------------------------------------------------------
@@ -531,6 +543,46 @@ def test_a_second_run_on_the_same_directory_refuses(run, runs, capsys):
     _assert_resumes_from_step_4(run, runs, capsys)
 
 
+def test_ctrl_c_checkpoints_and_exits_with_the_preemption_code(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from test_trainer import _env, _wait_for_checkpoint
+
+    run = tmp_path / "interrupted"
+    proc = subprocess.Popen([sys.executable, "-m", "train.cli", *_train_args(run, 500)], cwd=REPO, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_checkpoint(run, 2, proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 3, err[-3000:]
+    assert "Ctrl-C: stopping after this step with a checkpoint" in err and "stopped early (interrupted)" in out
+    state = json.loads((_newest(run) / "trainer_state.json").read_text())
+    assert max(_losses(run)) == state["step"] < 500  # the checkpoint is of the last finished step
+
+
+@pytest.mark.parametrize("damage, phrase", [("remove", "has config.json but no model weights"),
+                                            ("truncate", "is damaged")])
+def test_training_from_a_damaged_pretrained_model(tmp_path, damage, phrase, capsys):
+    export = _export(tmp_path)
+    weights = export / "model.safetensors"
+    if damage == "remove":
+        weights.unlink()
+    else:
+        weights.write_bytes(weights.read_bytes()[:200])
+    args = ["model.config=null", f"model.name_or_path={export}", "model.tokenizer=null"]
+    user_error(["validate", DEMO, *args], capsys, "model weights are present and whole", phrase)
+    user_error(_train_args(tmp_path / "r", 1, *args), capsys, str(export), phrase)
+
+
+def test_a_misspelled_best_metric_is_refused_before_training(tmp_path, capsys):
+    args = ["train", DEMO, *[o for o in FAST if not o.startswith("eval.mixture")], "logging.wandb.mode=disabled", "trainer.max_steps=1",
+            f"run.output_dir={tmp_path}", "eval.best_metric=eval/super_glue/cop/median"]
+    user_error(args, capsys, "is not a metric of the eval mixture", "Did you mean eval/super_glue/copa/median")
+    assert not list_complete(tmp_path)
+
+
 # --------------------------------------------------------------------------------------------------
 # Eval misuse
 # --------------------------------------------------------------------------------------------------
@@ -586,55 +638,3 @@ def test_eval_merge_refuses_duplicated_and_missing_shards(tmp_path, capsys):
     shutil.copy(shard, twin)
     user_error(["eval-merge", shard, twin], capsys, "are both shard 0/12; merge each shard once")
     user_error(["eval-merge", shard, "--mixture", "data_mixtures/demo_eval.yaml"], capsys, "missing")
-
-
-def test_ctrl_c_checkpoints_and_exits_with_the_preemption_code(tmp_path):
-    import signal
-    import subprocess
-    import sys
-
-    from test_trainer import _env, _wait_for_checkpoint
-
-    run = tmp_path / "interrupted"
-    proc = subprocess.Popen([sys.executable, "-m", "train.cli", *_train_args(run, 500)], cwd=REPO, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for_checkpoint(run, 2, proc)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 3, err[-3000:]
-    assert "Ctrl-C: stopping after this step with a checkpoint" in err and "stopped early (interrupted)" in out
-    state = json.loads((_newest(run) / "trainer_state.json").read_text())
-    assert max(_losses(run)) == state["step"] < 500  # the checkpoint is of the last finished step
-
-
-def test_a_stream_where_every_example_is_dropped_stops_with_an_error():
-    import itertools
-
-    from train.data import Packer
-    from train.errors import DataError
-
-    packer = Packer("encdec", max_input_tokens=4, max_target_tokens=4, overlong_policy="drop")
-    forever = itertools.repeat({"input_ids": list(range(3, 40)), "target_ids": [5, 1], "task": "long"})
-    with pytest.raises(DataError, match=r"all dropped as over-long .*4 input \+ 4 target tokens.*truncate_\* policy"):
-        packer.next_row(forever)
-
-
-@pytest.mark.parametrize("damage, phrase", [("remove", "has config.json but no model weights"),
-                                            ("truncate", "is damaged")])
-def test_training_from_a_damaged_pretrained_model(tmp_path, damage, phrase, capsys):
-    export = _export(tmp_path)
-    weights = export / "model.safetensors"
-    if damage == "remove":
-        weights.unlink()
-    else:
-        weights.write_bytes(weights.read_bytes()[:200])
-    args = ["model.config=null", f"model.name_or_path={export}", "model.tokenizer=null"]
-    user_error(["validate", DEMO, *args], capsys, "model weights are present and whole", phrase)
-    user_error(_train_args(tmp_path / "r", 1, *args), capsys, str(export), phrase)
-
-
-def test_a_misspelled_best_metric_is_refused_before_training(tmp_path, capsys):
-    args = ["train", DEMO, *[o for o in FAST if not o.startswith("eval.mixture")], "logging.wandb.mode=disabled", "trainer.max_steps=1",
-            f"run.output_dir={tmp_path}", "eval.best_metric=eval/super_glue/cop/median"]
-    user_error(args, capsys, "is not a metric of the eval mixture", "Did you mean eval/super_glue/copa/median")
-    assert not list_complete(tmp_path)
