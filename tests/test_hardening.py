@@ -356,10 +356,30 @@ def test_duplicate_keys_in_a_task_definition(tmp_path, capsys):
     ("latin1.jsonl", b'{"text": "caf\xe9", "label": 1}\n', "jsonl", "not valid UTF-8"),
     ("ragged.csv", b"text,label\na,1\nb,0,extra\n", "csv", "ragged.csv:3: fields differ from the first row"),
     ("fields.jsonl", b'{"text": "a", "label": 1}\n{"label": 0}\n', "jsonl", "fields.jsonl:2: fields differ"),
+    ("garbage.parquet", b"not parquet at all", "parquet", "garbage.parquet: not a readable Parquet file"),
+    ("strings.csv", b"text,label\ngood,1\nbad,0\n", "csv", "cast it to int"),  # CSV values are strings
 ])
 def test_bad_data_files_name_the_file_and_line(tmp_path, name, raw, source_type, phrase, capsys):
     mix = _task_dir(tmp_path, [], names=["good"], data_name=name, raw=raw, source_type=source_type)
     user_error(["tasks", "preview", mix], capsys, phrase)
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_field(tmp_path, capsys):
+    mix = _task_dir(tmp_path, [], names=["good"], data_name="bom.jsonl",
+                    raw=b'\xef\xbb\xbf{"text": "good", "label": 1}\n{"text": "bad", "label": 0}\n')
+    code, out = run_cli(["tasks", "preview", mix], capsys)
+    assert code == 0 and "input:   Review: good" in out, out
+
+
+def test_held_out_as_one_name_is_not_split_into_letters(tmp_path, capsys):
+    from train.data.pipeline import held_out_of
+    from train.data.tasks import load_task_file
+
+    path = tmp_path / "eval.yaml"
+    path.write_text(f"include: [{REPO / 'data_mixtures/demo_eval.yaml'}]\neval: {{held_out: super_glue/copa}}\n")
+    assert held_out_of(load_task_file(path)) == (["super_glue/copa"], [])
+    path.write_text(f"include: [{REPO / 'data_mixtures/demo_eval.yaml'}]\neval: {{held_out: 5}}\n")
+    user_error(["validate", DEMO, f"eval.mixture={path}"], capsys, "eval.held_out must be a list of names")
 
 
 @pytest.mark.parametrize("policy, counter", [("truncate_left", "truncated_inputs"), ("truncate_right", "truncated_inputs"),

@@ -62,10 +62,21 @@ def held_out_of(eval_file: Any) -> tuple[list[str], list[str]]:
     if unknown:
         raise ConfigError(f"{eval_file.path}: unknown key(s) in `eval`: {', '.join(sorted(unknown))}; "
                           "valid: held_out, clusters.")
-    held = list(section.get("held_out") or [])
+    held, clusters = (_names(section.get(key), f"{eval_file.path}: eval.{key}") for key in ("held_out", "clusters"))
     if not held:  # an eval mixture holds out at least its own datasets
         held = sorted({t.metadata.dataset for t in eval_file.tasks.values()})
-    return held, list(section.get("clusters") or [])
+    return held, clusters
+
+
+def _names(value: Any, where: str) -> list[str]:
+    """A list of names; one name alone is accepted (``list("super_glue/copa")`` would give its letters)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{where} must be a list of names, e.g. [super_glue/copa], not {value!r}.")
+    return list(value)
 
 
 def load_eval_examples(mixture: str, *, data_root: Optional[str] = None, cache_dir: Optional[str] = None) -> tuple[list[dict], dict, dict]:

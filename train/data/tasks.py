@@ -64,7 +64,7 @@ from train.data.templates import (SKIP_MISSING_FIELD, SKIP_RENDER_ERROR, fails_o
 DATA_ROOT_ENV = "MTF_DATA_ROOT"
 LOCAL_TYPES = ("jsonl", "json", "csv", "parquet")
 _EXT_TYPES = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-_READER_VERSION = "1"  # bump when _read_records changes, to invalidate cached Arrow files
+_READER_VERSION = "2"  # bump when _read_records changes, to invalidate cached Arrow files
 _RENDER_VERSION = "1"
 
 FILE_KEYS = ("tasks", "include")  # the top-level keys this module owns; others are passed through
@@ -383,11 +383,17 @@ def _read_records_unchecked(ftype: str, files: Sequence[str], fields: Optional[S
         if ftype == "parquet":
             import pyarrow.parquet as pq  # pyarrow is a datasets dependency
 
-            for i, row in enumerate(pq.read_table(path).to_pylist()):
+            try:
+                table = pq.read_table(path)
+            except Exception as e:  # noqa: BLE001 - pyarrow raises several error types for a bad file
+                raise DataError(f"task {task!r}: {path}: not a readable Parquet file ({e}).") from None
+            for i, row in enumerate(table.to_pylist()):
                 yield path, i + 1, row
             continue
         with open(path, "rb") as fh:
             raw = fh.read()
+        if raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark (Excel, Notepad) is not part of the data
+            raw = raw[3:]
         if ftype == "jsonl":
             for lineno, line in enumerate(raw.split(b"\n"), start=1):
                 text = _decode(line, path, lineno, task).strip()
