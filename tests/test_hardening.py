@@ -7,6 +7,7 @@ Training runs are in-process (one import of torch for the whole module) and 2-6 
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -207,8 +208,7 @@ def test_every_numeric_key_has_a_lower_bound():
     cfg = Config()
     numeric = []
     for key in all_keys():
-        value = get_key(cfg, key)
-        if dataclasses_is(value):
+        if dataclasses.is_dataclass(get_key(cfg, key)):
             continue
         section, _, name = key.rpartition(".")
         owner = get_key(cfg, section) if section else cfg
@@ -216,12 +216,6 @@ def test_every_numeric_key_has_a_lower_bound():
         if typing.get_origin(hint) is not list and {int, float} & {hint, *typing.get_args(hint)}:  # (Optional) int/float
             numeric.append(key)
     assert sorted(numeric) == sorted(MINIMUMS), "add the new numeric key to train.config.MINIMUMS"
-
-
-def dataclasses_is(value) -> bool:
-    import dataclasses
-
-    return dataclasses.is_dataclass(value)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -438,6 +432,7 @@ def test_resume_fallback_skips_the_bad_checkpoint_and_is_exact(run, runs, capsys
     ("{not json", "trainer_state.json is damaged (Expecting property name"),
     ('{"step": 4, "tokens_seen": 1, "examples_seen": 1, "packer": {}}', "`stream` missing"),
     ('{"step": "four", "tokens_seen": 1, "examples_seen": 1, "stream": {}, "packer": {}}', "`step` is not int"),
+    ("[1, 2]", "trainer_state.json is damaged (not a mapping)"),
 ])
 def test_a_damaged_trainer_state_is_refused(run, content, phrase, capsys):
     (_newest(run) / "trainer_state.json").write_text(content)

@@ -119,10 +119,12 @@ def verify_checkpoint(path: Path, *, trust: bool = False) -> dict:
         state = json.loads(state_file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"checkpoint {path}: {STATE_FILE} is damaged ({err}).") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path}: {STATE_FILE} is damaged (not a mapping).")
     problems = [f"`{k}` missing" if k not in state else f"`{k}` is not {t.__name__}"
                 for k, t in STATE_KEYS.items() if not isinstance(state.get(k), t) or isinstance(state.get(k), bool)]
-    if not isinstance(state, dict) or problems:
-        raise CheckpointError(f"checkpoint {path}: {STATE_FILE} is damaged ({'; '.join(problems) or 'not a mapping'}).")
+    if problems:
+        raise CheckpointError(f"checkpoint {path}: {STATE_FILE} is damaged ({'; '.join(problems)}).")
     weights = path / "accelerate"
     if not weights.is_dir():
         raise CheckpointError(f"checkpoint {path}: the accelerate/ folder with the model and optimizer state is missing.")
@@ -135,13 +137,11 @@ def verify_checkpoint(path: Path, *, trust: bool = False) -> dict:
 
 
 def _verify_safetensors(file: Path) -> None:
-    from safetensors import safe_open
+    from train.modeling.models import safetensors_damage
 
-    try:
-        with safe_open(str(file), framework="pt") as handle:
-            handle.keys()
-    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for every kind of damage
-        raise CheckpointError(f"checkpoint file {file} is damaged ({err}); was the save interrupted or the disk full?") from None
+    damage = safetensors_damage(file)
+    if damage:
+        raise CheckpointError(f"checkpoint file {file} is damaged ({damage}); was the save interrupted or the disk full?")
 
 
 # Globals a checkpoint's pickles may name besides torch's own tensor-rebuilding ones (which
@@ -278,15 +278,13 @@ def _prune(root: Path, keep_last: int, protect: Optional[str]) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(accelerator: Any, path: Path, *, trust: bool = False) -> dict:
-    """Restore model/optimizer/RNG into the prepared objects; return the trainer state.
+def load_checkpoint(accelerator: Any, path: Path, *, trust: bool = False) -> None:
+    """Restore model/optimizer/RNG into the prepared objects (the trainer state is the caller's to read).
 
     Call :func:`verify_checkpoint` first; ``trust`` lets accelerate unpickle the optimizer state freely.
     """
     kwargs = {"load_kwargs": {"weights_only": False}} if trust else {}
     accelerator.load_state(str(path / "accelerate"), **kwargs)
-    with open(path / STATE_FILE, encoding="utf-8") as fh:
-        return json.load(fh)
 
 
 def export_model(accelerator: Any, model: Any, tokenizer: Any, out_dir: str | Path) -> Path:

@@ -349,7 +349,7 @@ def resume(cfg: Config, ctx: TrainContext, stream: Any, packer: Any, output_dir:
             f"the config changed since checkpoint {resume_from}: {'; '.join(changes)}. Resuming would silently train "
             "something else. Restore those values, accept them with `trainer.resume_allow_changes=[key, ...]` "
             "(or `[\"*\"]`), or start a new run (`trainer.resume=none` or another `run.output_dir`).")
-    state = checkpointing.load_checkpoint(accelerator, resume_from, trust=t.trust_checkpoint)
+    checkpointing.load_checkpoint(accelerator, resume_from, trust=t.trust_checkpoint)
     try:
         stream.load_state_dict(state["stream"])
         packer.load_state_dict(state["packer"])

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from train.config import ModelConfig
 from train.errors import ConfigError
@@ -123,23 +123,34 @@ def model_info(cfg: ModelConfig, model_config: Any, tokenizer: Any) -> ModelInfo
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
+def safetensors_damage(file: Path) -> Optional[str]:
+    """Why a safetensors file cannot be read (truncated, bad header), or None when it is whole.
+
+    Reads the header only; safetensors checks that the data it describes covers the file exactly.
+    """
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            handle.keys()
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for every kind of damage
+        return str(err)
+    return None
+
+
 def check_local_weights(path: Path) -> None:
     """A local model directory must hold weights, and its safetensors files must be whole.
 
     Raises:
         ConfigError: no weight file, or a damaged (e.g. truncated) one.
     """
-    from safetensors import safe_open
-
     if not any((path / name).exists() for name in WEIGHT_FILES) and not list(path.glob("model-*.safetensors")):
         raise ConfigError(f"{path}: has config.json but no model weights ({', '.join(WEIGHT_FILES[::2])}). "
                           "Was the export interrupted? Re-export it, or use a run checkpoint.")
     for file in sorted(path.glob("*.safetensors")):
-        try:
-            with safe_open(str(file), framework="pt") as handle:
-                handle.keys()
-        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
-            raise ConfigError(f"{file} is damaged ({err}); re-export or re-download the model.") from None
+        damage = safetensors_damage(file)
+        if damage:
+            raise ConfigError(f"{file} is damaged ({damage}); re-export or re-download the model.")
 
 
 def build_model(cfg: ModelConfig, model_config: Any, kind: str) -> Any:
