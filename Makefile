@@ -14,12 +14,13 @@ export WANDB_MODE ?= offline
 # DeepSpeed builds a comm op on first use (~29 s); keep the build between runs.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: install demo test test-fast bench clean help
+.PHONY: install demo test test-fast bench learning-check clean help
 
 help:
 	@echo "make demo   - set up .venv and run the demo: train a tiny T5 on data_mixtures/demo_train.yaml, zero-shot eval on COPA"
 	@echo "make test   - set up .venv and run the test suite"
 	@echo "make bench  - run the benchmarks in scripts/ and rewrite BENCHMARKS.md"
+	@echo "make learning-check - train a small T5 from scratch on 3 real tasks (needs ../shared), ablations, BENCHMARKS.md"
 
 $(STAMP): requirements.lock setup.cfg
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +34,7 @@ install: $(STAMP)
 demo: install
 	@rm -rf runs/demo
 	$(VENV)/bin/mtf train configs/demo.yaml
+	$(VENV)/bin/mtf report runs/demo
 
 test: install
 	$(PY) -m pytest -q
@@ -42,6 +44,9 @@ test-fast: install
 
 bench: install
 	$(PY) scripts/write_benchmarks.py --out BENCHMARKS.md
+
+learning-check: install
+	$(PY) scripts/learning_check.py --write-benchmarks BENCHMARKS.md --plot docs/learning_check.png
 
 clean:
 	rm -rf runs .pytest_cache .cache

@@ -24,6 +24,7 @@ STAGES = {
     "evaluation": ("metrics", "items", "distributed", "batching", "scoring", "generation", "results", "evaluator",
                    "runner"),
     "loop": ("loggers", "checkpointing", "rundir", "hooks", "trainer", "validation"),
+    "reports": ("rundata", "plots", "page"),
 }
 STAGE_ORDER = list(STAGES)
 MAX_TRAIN_LINES = 150

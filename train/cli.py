@@ -7,6 +7,7 @@
     mtf templates lint PATH...              load (and with --data, render) PromptSource template files
     mtf tasks preview TASK_OR_MIXTURE       print rendered examples
     mtf mixture show MIXTURE                per-task rates, shares, expected epochs
+    mtf report RUN_DIR [RUN_DIR ...]        an HTML page + PNGs of one run, or of several side by side
 
 Exit codes: 0 success, 1 internal error (a bug: traceback printed), 2 user error (config or data: one
 paragraph, no traceback unless --debug), 3 preempted (checkpoint written; requeue and resume).
@@ -205,6 +206,26 @@ def cmd_mixture_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from train.reports.page import write_report
+
+    missing = [p for p in args.runs if not Path(p).is_dir()]
+    if missing:
+        from train.errors import ConfigError
+
+        raise ConfigError(f"mtf report: {', '.join(missing)} is not a directory; pass run directories "
+                          "(the `run.output_dir` of a run, e.g. runs/demo).")
+    report = write_report(args.runs, args.out)
+    if args.json:
+        _print_json(report)
+    else:
+        for name, notes in report["notes"].items():
+            for note in notes:
+                print(f"[mtf] note ({name}): {note}")
+        print(f"[mtf] report: {report['html']}  (figures: {', '.join(Path(p).name for p in report['pngs'])})")
+    return EXIT_OK
+
+
 # ------------------------------------------------------------------------------------------ parser
 
 
@@ -293,6 +314,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-examples-per-task", type=positive_int, default=None,
                    help="render only the first N rows of each task (a quick look; counts and rates then reflect N)")
     p.add_argument("--data-root", default=None, help="read hub sources from local files under this root (as MTF_DATA_ROOT)")
+    p.add_argument("--json", action="store_true")
+
+    p = add("report", "Write one self-contained HTML page (figures embedded; opens from disk) and the same figures as "
+            "PNG files from what run directories hold: training curves, zero-shot eval over steps, the mixture planned "
+            "vs realised, status, checkpoints and config. Several directories are overlaid on shared axes (an "
+            "ablation view). A preempted, killed or running run is reported as far as it got.", cmd_report)
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (run.output_dir), e.g. runs/demo")
+    p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/report for one run, ./mtf-report "
+                   "for several)")
     p.add_argument("--json", action="store_true")
     return parser
 

@@ -7,6 +7,8 @@ mixture's prompted examples for the eval hook. The held-out guard runs here, bef
 
 from __future__ import annotations
 
+from collections import Counter
+
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Optional
@@ -139,6 +141,18 @@ def build_training_data(cfg: Config, tokenizer: Any, kind: str, accelerator: Any
                     max_tokens=cfg.data.max_tokens, pack=cfg.data.packing, window=cfg.data.pack_window,
                     overlong_policy=cfg.data.overlong)
     return stream, packer, evaluation
+
+
+def task_tokens(rows: list[dict]) -> Counter:
+    """Real tokens (input + target) per task in packed rows: segment ``s`` of a row belongs to ``tasks[s - 1]``."""
+    out: Counter = Counter()
+    for row in rows:
+        tasks = row["tasks"]
+        for key in ("input_segment_ids", "target_segment_ids", "segment_ids"):
+            for segment, n in Counter(row.get(key, ())).items():
+                if segment > 0:
+                    out[tasks[segment - 1]] += n
+    return out
 
 
 def packing_metrics(rows: list[dict], packer: Any, kind: str, cfg: Config) -> dict:

@@ -793,7 +793,8 @@ def check_held_out(train_tasks: Iterable[Task], held_out: Sequence[str], cluster
             offenders.append(f"{t.name} (cluster {t.metadata.cluster} is held out)")
     if offenders and not allow:
         raise ConfigError("training tasks overlap the held-out evaluation set: " + "; ".join(offenders)
-                          + ". Remove them from the mixture or set allow_held_out: true.")
+                          + ". Remove them from the mixture, or, to train and score on disjoint rows of the same "
+                          "datasets on purpose (not a zero-shot eval), set `eval.allow_held_out_overlap=true`.")
     return offenders
 
 

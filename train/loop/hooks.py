@@ -37,7 +37,8 @@ class TrainContext:
     last_grad_norm: Optional[float] = None
     lr: float = 0.0
     step_metrics: dict = field(default_factory=dict)  # packing stats etc. of the last step
-    task_counts: Counter = field(default_factory=Counter)
+    task_counts: Counter = field(default_factory=Counter)  # examples trained on per task, all ranks
+    task_tokens: Counter = field(default_factory=Counter)  # real tokens (input + target) trained on per task
     trainer_state: Any = None  # callable returning the resumable state dict (stream, packer, counters)
     stop_reason: Optional[str] = None  # "preempted" | "max_time" when the run must stop after this step
     eval_results: Optional[dict] = None
@@ -81,6 +82,7 @@ class LoggingHook:
         }
         metrics.update({k: v for k, v in ctx.step_metrics.items() if k != "tokens"})
         metrics.update({f"tasks/{name}": count for name, count in sorted(ctx.task_counts.items())})
+        metrics.update({f"task_tokens/{name}": count for name, count in sorted(ctx.task_tokens.items())})
         mfu = estimate_mfu(ctx.flops_per_token, tokens_per_second, ctx.accelerator.num_processes, ctx.cfg.logging.peak_tflops)
         if mfu is not None:
             metrics["mfu"] = mfu

@@ -65,3 +65,64 @@ class RunLock:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
+
+
+# --------------------------------------------------------------------------------------------------
+# run.json: what a run is doing, for `mtf report` and for people
+# --------------------------------------------------------------------------------------------------
+
+RECORD_FILE = "run.json"
+RECORD_FORMAT = 1
+
+
+def lock_is_held(run_dir: Path) -> bool:
+    """True while a live ``mtf train`` holds the run directory's lock (probing takes no lock for long)."""
+    path = Path(run_dir) / LOCK_FILE
+    if not path.is_file():
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops the probe's own lock
+    return False
+
+
+class RunRecord:
+    """``<output_dir>/run.json``: status, times, the batch plan and the planned mixture of a run.
+
+    Written at start (``status: running``) and at the end: ``completed``, the stop reason (``preempted``,
+    ``interrupted``, ``max_time``) or ``failed`` with the error. A run killed with -9 stays ``running``;
+    :func:`lock_is_held` tells the two apart. Only the main process writes; every write is atomic.
+    """
+
+    def __init__(self, output_dir: Path, enabled: bool, **fields: object):
+        self.path = Path(output_dir) / RECORD_FILE
+        self.enabled = enabled
+        self.start = time.time()
+        self.data: dict = {"format": RECORD_FORMAT, "status": "running", "pid": os.getpid(), "host": socket.gethostname(),
+                           "started_at": _iso(self.start), **fields}
+        self.write()
+
+    def write(self, **fields: object) -> None:
+        if not self.enabled:
+            return
+        import json
+
+        self.data.update(fields, updated_at=_iso(time.time()), elapsed_seconds=round(time.time() - self.start, 3))
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.data, indent=2, default=str) + "\n", encoding="utf-8")
+        os.replace(tmp, self.path)
+
+    def __enter__(self) -> "RunRecord":
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc is not None and self.data.get("status") == "running":
+            self.write(status="failed", error=f"{type(exc).__name__}: {exc}"[:2000])
+
+
+def _iso(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(seconds))

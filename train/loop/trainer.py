@@ -24,7 +24,7 @@ from train.config import Config, save_config, to_dict
 from train.data import pipeline
 from train.errors import CheckpointError, ConfigError, TrainingError
 from train.loop import checkpointing
-from train.loop.rundir import RunLock, check_run_dir
+from train.loop.rundir import RunLock, RunRecord, check_run_dir
 from train.loop.hooks import CheckpointHook, EvalHook, LoggingHook, PreemptionHook, TrainContext
 from train.modeling import losses
 from train.modeling.features import collate, model_forward
@@ -172,6 +172,7 @@ def train(cfg: Config) -> dict:
         ctx.flops_per_token = 6.0 * sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
         resume(cfg, ctx, stream, packer, run.output_dir)
         ctx.trainer_state = lambda: trainer_state(cfg, ctx, stream, packer)
+        run.record = start_record(cfg, run, ctx, stream)
 
         preemption = PreemptionHook(ctx)
         logging_hook, eval_hook = LoggingHook(ctx), EvalHook(ctx, eval_set)
@@ -239,6 +240,10 @@ def train(cfg: Config) -> dict:
                    "train_loop_seconds": loop_seconds, "final_eval_and_save_seconds": time.perf_counter() - end_start,
                    "tokens_per_second": (ctx.tokens_seen - start_tokens) / max(loop_seconds, 1e-9),
                    "packing": packer.efficiency(), "packing_stats": dict(packer.stats)}
+        run.record.write(status=ctx.stop_reason or "completed", steps=ctx.step, stop_reason=ctx.stop_reason,
+                         final_loss=ctx.last_loss, train_loop_seconds=loop_seconds,
+                         tokens_per_second=summary["tokens_per_second"], checkpoint_seconds=ctx.checkpoint_seconds,
+                         exported=cfg.checkpoint.export_final and ctx.stop_reason is None)
         accelerator.wait_for_everyone()
         accelerator.end_training()
         return summary
@@ -260,11 +265,14 @@ class RunSetup:
     accelerator: Any
     output_dir: Path
     lock: RunLock  # held by the main process until train() returns or raises
+    record: Optional[RunRecord] = None  # run.json, once the data is known
 
     def __enter__(self) -> "RunSetup":
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        if self.record is not None:
+            self.record.__exit__(*exc)  # an error on the way out: status "failed" with the message
         self.lock.release()
 
 
@@ -359,15 +367,25 @@ def resume(cfg: Config, ctx: TrainContext, stream: Any, packer: Any, output_dir:
                               "`trainer.resume=<path>`.") from None
     ctx.step, ctx.tokens_seen, ctx.examples_seen = state["step"], state["tokens_seen"], state["examples_seen"]
     ctx.task_counts = Counter(state.get("task_counts", {}))
+    ctx.task_tokens = Counter(state.get("task_tokens", {}))
     ctx.best_metric_value = state.get("best_metric_value")
     accelerator.print(f"[mtf] resumed from {resume_from} at step {ctx.step}")
+
+
+def start_record(cfg: Config, run: RunSetup, ctx: TrainContext, stream: Any) -> RunRecord:
+    """Write ``run.json`` (status running) with the plan and the mixture as planned: what `mtf report` compares to."""
+    mixture = [{"name": s.name, "task": s.task, "examples": len(s.rows), "probability": float(s.probability)}
+               for s in stream.sources]
+    return RunRecord(run.output_dir, run.accelerator.is_main_process, max_steps=cfg.trainer.max_steps,
+                     start_step=ctx.step, world_size=run.plan.world_size, batch_plan=run.plan.describe(),
+                     model_kind=run.info.kind, mixture=mixture)
 
 
 def trainer_state(cfg: Config, ctx: TrainContext, stream: Any, packer: Any) -> dict:
     """The resumable state written next to each checkpoint (``trainer_state.json``)."""
     return {"step": ctx.step, "tokens_seen": ctx.tokens_seen, "examples_seen": ctx.examples_seen,
             "stream": stream.state_dict(), "packer": packer.state_dict(),
-            "task_counts": dict(ctx.task_counts), "best_metric_value": ctx.best_metric_value,
+            "task_counts": dict(ctx.task_counts), "task_tokens": dict(ctx.task_tokens), "best_metric_value": ctx.best_metric_value,
             "config": to_dict(cfg)}
 
 
@@ -423,5 +441,6 @@ def record_step(cfg: Config, ctx: TrainContext, rows: list[dict], packer: Any, g
     ctx.tokens_seen += step_tokens
     ctx.examples_seen += sum(len(r["tasks"]) for r in rows)
     ctx.task_counts.update(t for r in rows for t in r["tasks"])
+    ctx.task_tokens.update(pipeline.task_tokens(rows))
     ctx.step_metrics = {"tokens": step_tokens, "step_seconds": seconds,
                         **pipeline.packing_metrics(rows, packer, ctx.kind, cfg)}
