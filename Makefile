@@ -46,7 +46,7 @@ bench: install
 	$(PY) scripts/write_benchmarks.py --out BENCHMARKS.md
 
 learning-check: install
-	$(PY) scripts/learning_check.py --write-benchmarks BENCHMARKS.md --plot docs/learning_check.png
+	$(PY) scripts/learning_check.py --write-benchmarks BENCHMARKS.md --plot docs
 
 clean:
 	rm -rf runs .pytest_cache .cache

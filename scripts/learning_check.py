@@ -216,6 +216,12 @@ def run_all(args: argparse.Namespace) -> dict:
     results: dict = {"data": {t: {"train_rows": len(p["train"]), "eval_rows": len(p["eval"]),
                                   "removed_overlap": p["removed_overlap"]} for t, p in rows.items()},
                      "chance": CHANCE, "arms": {}}
+    previous = work / "results.json"
+    results["commands"] = []
+    if args.only and previous.is_file():  # a partial rerun keeps the other arms' results
+        old = json.loads(previous.read_text())
+        results["arms"], results["commands"] = old["arms"], old.get("commands", [])
+    results["commands"].append("python scripts/learning_check.py " + " ".join(sys.argv[1:]))
     wanted = args.only or list(ARMS)
     if "learning" in wanted:
         results["arms"]["learning"] = train_arm("learning", work, train_yaml, eval_yaml,
@@ -227,6 +233,8 @@ def run_all(args: argparse.Namespace) -> dict:
             results["arms"][arm] = train_arm(arm, work, train_yaml, eval_yaml,
                                              budget + [f"trainer.loss_normalization={mode}"])
     packed = results["arms"].get("packed")
+    if not packed and {"unpacked_equal_examples", "unpacked_equal_time"} & set(wanted):
+        raise SystemExit("the unpacked arms are sized from the `packed` arm: run it first (or in the same call).")
     if packed and "unpacked_equal_examples" in wanted:
         per_step = packed["examples_seen"] / packed["steps"]
         rows_per_step = max(8, int(round(per_step / 8)) * 8)  # a multiple of the micro-batch
@@ -292,7 +300,10 @@ def markdown(results: dict, machine: str, command: str) -> str:
                   "  train-loop time: what the same compute buys without packing.",
                   "- The train loss is each arm's own normalisation: comparable between `packed` and the unpacked arms,",
                   "  not with `sequence_mean` / `target_mean`.",
-                  "", "![loss and accuracy of the ablation arms](docs/learning_check.png)"]
+                  "", "Curves of every arm (`mtf report` over the run directories; the full page is",
+                  "`runs/learning_check/report/index.html`):", "",
+                  "![training curves of the arms](docs/learning_check_training.png)",
+                  "![accuracy over steps, median over templates with the min-max band](docs/learning_check_eval.png)"]
     lines.append(END)
     return "\n".join(lines) + "\n"
 
@@ -314,20 +325,38 @@ def main() -> None:
     parser.add_argument("--shared", default=str(SHARED))
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--held-back", type=int, default=500, help="rows held back per task without an official test split")
-    parser.add_argument("--learning-steps", type=int, default=1200)
-    parser.add_argument("--steps", type=int, default=400, help="steps of each ablation arm (one token budget)")
+    parser.add_argument("--learning-steps", type=int, default=1100)
+    parser.add_argument("--steps", type=int, default=300, help="steps of each ablation arm (one token budget)")
+    parser.add_argument("--tables-only", action="store_true", help="run nothing: write the tables and figures from "
+                        "<out>/results.json")
     parser.add_argument("--only", nargs="+", choices=ARMS, default=None)
     parser.add_argument("--write-benchmarks", default=None, help="rewrite the learning-check section of this file")
-    parser.add_argument("--plot", default=None, help="write the overlay plot of the ablation arms (mtf report) here")
+    parser.add_argument("--plot", default=None, help="folder for the overlay figures of all arms (from `mtf report`): "
+                        "learning_check_training.png and learning_check_eval.png")
     args = parser.parse_args()
-    results = run_all(args)
+    if args.tables_only:
+        results = json.loads((Path(args.out) / "results.json").read_text())
+    else:
+        results = run_all(args)
+    if args.plot:
+        import shutil
+
+        from train.reports.page import write_report
+
+        work = Path(args.out).resolve()
+        arms = [work / name for name in ARMS if name in results["arms"]]
+        report = write_report(arms, work / "report")
+        results["report"] = report["html"]
+        Path(args.plot).mkdir(parents=True, exist_ok=True)
+        for figure in ("training", "eval"):
+            shutil.copy(work / "report" / f"{figure}.png", Path(args.plot) / f"learning_check_{figure}.png")
     if args.write_benchmarks:
         import platform
 
         import torch
 
         machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
-        command = "python scripts/learning_check.py " + " ".join(sys.argv[1:])
+        command = "`, then `".join(results.get("commands") or ["python scripts/learning_check.py"])
         write_section(Path(args.write_benchmarks), markdown(results, machine, command))
     print(json.dumps(results, indent=2))
 

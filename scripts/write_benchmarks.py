@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+KEPT_SECTIONS = [("<!-- learning_check:begin -->", "<!-- learning_check:end -->")]
 
 
 def run(script: str, *args: str) -> dict:
@@ -103,7 +104,16 @@ def main() -> None:
             continue
         lines.append(f"| {task} | {row['naive_examples_per_s']:.1f} | {row['encoder_once_examples_per_s']:.1f} | "
                      f"**{row['ratio']:.2f}x** | {row['max_abs_score_diff']:.1e} |")
-    Path(args.out).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    # Sections written by other scripts (scripts/learning_check.py) are kept as they are: they come from
+    # long runs that `make bench` does not repeat.
+    out = Path(args.out)
+    kept = ""
+    if out.is_file():
+        old = out.read_text(encoding="utf-8")
+        for begin, end in KEPT_SECTIONS:
+            if begin in old and end in old:
+                kept += "\n" + begin + old.split(begin, 1)[1].split(end, 1)[0] + end + "\n"
+    out.write_text("\n".join(lines) + "\n" + kept, encoding="utf-8")
     print(f"wrote {args.out}")
 
 

@@ -168,6 +168,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     assert [p.name for p in done] == ["step-00000002"]
     state = json.loads((done[-1] / "trainer_state.json").read_text())
     assert state["step"] == 2
+    record = json.loads((tmp_path / "run.json").read_text())  # what `mtf report` shows as the run's status
+    assert record["status"] == "failed" and "non-finite loss" in record["error"]
 
 
 def test_export_reloads_with_from_pretrained(tmp_path):

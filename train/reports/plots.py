@@ -147,8 +147,10 @@ def plot_mixture(runs: Sequence[RunData], path: Path) -> Path:
     tasks = sorted({row["task"] for table in tables for row in table})
     colors = _colors(len(runs))
     for ax, what in zip(axes, ("examples", "tokens")):
-        if not tasks:
-            _empty(ax, "no mixture information (run.json or tasks/* metrics)")
+        known = any(row.get(f"{kind}_{what}") for table in tables for row in table for kind in ("planned", "realised"))
+        if not tasks or not known:
+            _empty(ax, f"no share of {what} recorded (run.json's mixture, or the tasks/* and task_tokens/* metrics)")
+            ax.set_title(f"mixture: share of {what} per task", fontsize=10)
             continue
         y = np.arange(len(tasks))
         height = 0.8 / (2 * len(runs))
