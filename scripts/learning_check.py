@@ -176,31 +176,51 @@ def train_arm(name: str, work: Path, train_yaml: Path, eval_yaml: Path, override
     code, seconds = mtf(*args, log=work / f"{name}.log")
     if code not in ((0, 3) if allow_stop else (0,)):
         raise SystemExit(f"{name}: mtf train exited {code}; see {work / f'{name}.log'}")
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    train_rows = [m for m in metrics if "train/loss" in m]
-    last = train_rows[-1]
-    evals = sorted((run_dir / "eval").glob("step-*.json")) if (run_dir / "eval").is_dir() else []
     if code == 3:  # stopped by max_time: score its last checkpoint with `mtf eval`
         ckpts = sorted((run_dir / "checkpoints").glob("step-*"))
         out = run_dir / "eval" / f"{ckpts[-1].name}.json"
         out.parent.mkdir(exist_ok=True)
-        ecode, eseconds = mtf("eval", str(ckpts[-1]), "--mixture", str(eval_yaml), "--batch-size", "64",
-                              "--output", str(out), log=work / f"{name}.eval.log")
+        ecode, _ = mtf("eval", str(ckpts[-1]), "--mixture", str(eval_yaml), "--batch-size", "64",
+                       "--output", str(out), log=work / f"{name}.eval.log")
         if ecode != 0:
             raise SystemExit(f"{name}: mtf eval exited {ecode}; see {work / f'{name}.eval.log'}")
-        evals = [out]
-    final = json.loads(evals[-1].read_text())
+    return collect(run_dir, overrides, seconds)
+
+
+def collect(run_dir: Path, overrides: list[str], wall_seconds: float) -> dict:
+    """An arm's figures, read from its run directory (so they can be recomputed without retraining).
+
+    ``train_seconds`` is the time of the training steps alone (no evals, no checkpoints): the mean of the
+    step times logged every ``logging.every_steps`` steps, times the number of steps. ``loop_seconds`` is
+    the loop's wall-clock from run.json, periodic evals included.
+    """
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    train_rows = [m for m in metrics if "train/loss" in m]
+    last = train_rows[-1]
+    step_times = [m["step_seconds"] for m in train_rows if "step_seconds" in m]
+    record = json.loads((run_dir / "run.json").read_text())
+    final = json.loads(sorted((run_dir / "eval").glob("step-*.json"))[-1].read_text())
     return {
         "run_dir": str(run_dir.relative_to(REPO) if run_dir.is_relative_to(REPO) else run_dir),
-        "overrides": overrides, "steps": last["step"], "wall_seconds": round(seconds, 1),
-        "train_loop_seconds": round(sum(m.get("step_seconds", 0.0) for m in train_rows), 1),
+        "overrides": overrides, "steps": last["step"], "wall_seconds": round(wall_seconds, 1),
+        "train_seconds": round(sum(step_times) / len(step_times) * last["step"], 1),
+        "loop_seconds": round(record.get("train_loop_seconds") or 0.0, 1), "status": record.get("status"),
         "examples_seen": last["examples_seen"], "tokens_seen": last["tokens_seen"],
         "final_train_loss": last["train/loss"], "packing_efficiency": last.get("packing/efficiency"),
         "accuracy": {d: v["median"] for d, v in final["datasets"].items()},
         "accuracy_min_max": {d: [v["min"], v["max"]] for d, v in final["datasets"].items()},
         "templates": {d: len(t) for d, t in final["templates"].items()},
         "eval_rows": {d: max(r["n"] for r in t.values()) for d, t in final["templates"].items()},
+        "eval_step": final.get("step"),
     }
+
+
+def recollect(work: Path, results: dict) -> dict:
+    """Recompute every arm's figures from its run directory (keeping its overrides and wall-clock)."""
+    for name, arm in results["arms"].items():
+        if (work / name / "run.json").is_file():
+            results["arms"][name] = collect(work / name, arm["overrides"], arm["wall_seconds"])
+    return results
 
 
 def run_all(args: argparse.Namespace) -> dict:
@@ -219,34 +239,37 @@ def run_all(args: argparse.Namespace) -> dict:
     previous = work / "results.json"
     results["commands"] = []
     if args.only and previous.is_file():  # a partial rerun keeps the other arms' results
-        old = json.loads(previous.read_text())
+        old = recollect(work, json.loads(previous.read_text()))
         results["arms"], results["commands"] = old["arms"], old.get("commands", [])
     results["commands"].append("python scripts/learning_check.py " + " ".join(sys.argv[1:]))
     wanted = args.only or list(ARMS)
+
+    def save(name: str, arm: dict) -> None:  # after every arm: a stopped script keeps what it measured
+        results["arms"][name] = arm
+        (work / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
     if "learning" in wanted:
-        results["arms"]["learning"] = train_arm("learning", work, train_yaml, eval_yaml,
-                                                seed + [f"trainer.max_steps={args.learning_steps}"])
+        save("learning", train_arm("learning", work, train_yaml, eval_yaml,
+                                   seed + [f"trainer.max_steps={args.learning_steps}"]))
     budget = seed + [f"trainer.max_steps={args.steps}", f"eval.every_steps={max(1, args.steps // 4)}",
                      f"checkpoint.every_steps={args.steps}"]
     for arm, mode in (("packed", "token_mean"), ("sequence_mean", "sequence_mean"), ("target_mean", "target_mean")):
         if arm in wanted:
-            results["arms"][arm] = train_arm(arm, work, train_yaml, eval_yaml,
-                                             budget + [f"trainer.loss_normalization={mode}"])
+            save(arm, train_arm(arm, work, train_yaml, eval_yaml, budget + [f"trainer.loss_normalization={mode}"]))
     packed = results["arms"].get("packed")
     if not packed and {"unpacked_equal_examples", "unpacked_equal_time"} & set(wanted):
         raise SystemExit("the unpacked arms are sized from the `packed` arm: run it first (or in the same call).")
     if packed and "unpacked_equal_examples" in wanted:
         per_step = packed["examples_seen"] / packed["steps"]
         rows_per_step = max(8, int(round(per_step / 8)) * 8)  # a multiple of the micro-batch
-        results["arms"]["unpacked_equal_examples"] = train_arm(
+        save("unpacked_equal_examples", train_arm(
             "unpacked_equal_examples", work, train_yaml, eval_yaml,
-            budget + ["data.packing=false", f"trainer.global_batch_size={rows_per_step}"])
+            budget + ["data.packing=false", f"trainer.global_batch_size={rows_per_step}"]))
     if packed and "unpacked_equal_time" in wanted:
-        results["arms"]["unpacked_equal_time"] = train_arm(
+        save("unpacked_equal_time", train_arm(
             "unpacked_equal_time", work, train_yaml, eval_yaml,
             seed + ["data.packing=false", f"trainer.max_steps={args.steps * 50}", "eval.every_steps=null",
-                    f"trainer.max_time={packed['train_loop_seconds']}", "checkpoint.every_steps=null"],
-            allow_stop=True)
+                    f"trainer.max_time={packed['train_seconds']}", "checkpoint.every_steps=null"],
+            allow_stop=True))
     (work / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
     return results
 
@@ -283,21 +306,23 @@ def markdown(results: dict, machine: str, command: str) -> str:
     if ablation:
         base = results["arms"].get("packed")
         lines += ["", "**Ablation** (same seed, same steps except `unpacked_equal_time`; ratios against `packed`):", "",
-                  "| arm | " + " | ".join(tasks) + " | final train loss | examples seen | steps | train loop (s) | vs packed |",
+                  "| arm | " + " | ".join(tasks) + " | final train loss | examples seen | steps | training steps (s) | vs packed |",
                   "|---" * (len(tasks) + 6) + "|"]
         for n in ablation:
             a = results["arms"][n]
-            ratio = f"{a['train_loop_seconds'] / base['train_loop_seconds']:.2f}x time" if base else ""
+            ratio = f"{a['train_seconds'] / base['train_seconds']:.2f}x time" if base else ""
             lines.append(f"| {n} | " + " | ".join(_pct(a["accuracy"][t]) for t in tasks)
                          + f" | {a['final_train_loss']:.4f} | {a['examples_seen']:,} | {a['steps']} | "
-                         f"{a['train_loop_seconds']:.0f} | {ratio} |")
+                         f"{a['train_seconds']:.0f} | {ratio} |")
         lines += ["", "- `packed`, `sequence_mean`, `target_mean`: packed rows, the loss normalised per token, per example,",
                   "  and per target token weighted 1/len(target) (BLOOMZ); with global denominators the last two are the",
                   "  same number (train/modeling/losses.py), so their rows must agree up to float rounding.",
                   "- `unpacked_equal_examples`: `data.packing=false` (each row padded to the row capacity), as many",
                   "  examples per step as `packed` saw on average, same steps: the time packing saves.",
                   "- `unpacked_equal_time`: unpacked, the same rows per step as `packed`, stopped after `packed`'s",
-                  "  train-loop time: what the same compute buys without packing.",
+                  "  training-step time: what the same compute buys without packing.",
+                  "- Training steps (s): the time of the training steps alone, without evals and checkpoints (the mean",
+                  "  of the step times logged every 10 steps, times the steps); the ratio column divides it by `packed`'s.",
                   "- The train loss is each arm's own normalisation: comparable between `packed` and the unpacked arms,",
                   "  not with `sequence_mean` / `target_mean`.",
                   "", "Curves of every arm (`mtf report` over the run directories; the full page is",
@@ -335,7 +360,8 @@ def main() -> None:
                         "learning_check_training.png and learning_check_eval.png")
     args = parser.parse_args()
     if args.tables_only:
-        results = json.loads((Path(args.out) / "results.json").read_text())
+        results = recollect(Path(args.out).resolve(), json.loads((Path(args.out) / "results.json").read_text()))
+        (Path(args.out) / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
     else:
         results = run_all(args)
     if args.plot:

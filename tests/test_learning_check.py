@@ -46,9 +46,9 @@ def test_benchmarks_section_is_replaced_in_place(tmp_path):
     arm = {"accuracy": {"ag_news": 0.8, "trec": 0.7, "rotten_tomatoes": 0.66},
            "accuracy_min_max": {"ag_news": [0.7, 0.9], "trec": [0.6, 0.8], "rotten_tomatoes": [0.6, 0.7]},
            "templates": {"ag_news": 7, "trec": 5, "rotten_tomatoes": 10}, "steps": 10, "examples_seen": 100,
-           "wall_seconds": 60.0, "train_loop_seconds": 50.0, "final_train_loss": 0.5}
+           "wall_seconds": 60.0, "train_seconds": 50.0, "final_train_loss": 0.5}
     results = {"chance": lc.CHANCE, "data": {t: {"train_rows": 10, "eval_rows": 5} for t in lc.CHANCE},
-               "arms": {"learning": arm, "packed": arm, "unpacked_equal_examples": {**arm, "train_loop_seconds": 150.0}}}
+               "arms": {"learning": arm, "packed": arm, "unpacked_equal_examples": {**arm, "train_seconds": 150.0}}}
     bench = tmp_path / "BENCHMARKS.md"
     bench.write_text("# Benchmarks\n\nother section\n")
     lc.write_section(bench, lc.markdown(results, "test machine", "cmd"))

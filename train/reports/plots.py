@@ -19,9 +19,9 @@ PIXELS = (int(FIGSIZE[0] * DPI), int(FIGSIZE[1] * DPI))  # (width, height) of ev
 SMOOTHING = 10  # the smoothed loss is a centred mean over 1/SMOOTHING of the logged points (at least 1)
 
 TRAINING_PANELS = (  # (metric key, title, y label)
-    ("train/loss", "training loss (raw and smoothed)", "loss"),
+    ("train/loss", "training loss (raw and smoothed, log)", "loss"),
     ("lr", "learning rate", "lr"),
-    ("grad_norm", "gradient norm (before clipping)", "norm"),
+    ("grad_norm", "gradient norm (before clipping, log)", "norm"),
     ("tokens_per_second", "real tokens / s (no padding)", "tokens/s"),
     ("packing/efficiency", "packing efficiency (real / slots)", "fraction"),
     ("examples_seen", "examples trained on", "examples"),
@@ -62,6 +62,15 @@ def smooth(values: Sequence[float], fraction: int = SMOOTHING) -> list[float]:
     return out
 
 
+def _save_with_legend(fig, first_ax, legend: bool, path: Path) -> Path:
+    """One legend of the runs under the panels (taken from the first panel), then save."""
+    if legend:
+        handles, labels = first_ax.get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=9)
+    fig.tight_layout(rect=(0, 0.06 if legend else 0, 1, 1))
+    return _save(fig, path)
+
+
 def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI, format="png")  # no bbox_inches="tight": the size stays PIXELS
@@ -91,15 +100,11 @@ def plot_training(runs: Sequence[RunData], path: Path) -> Path:
             ax.set_xlabel("step")
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
-            if key == "train/loss":
-                ax.set_yscale("log")
+            if key in ("train/loss", "grad_norm"):
+                ax.set_yscale("log")  # the first steps' values would flatten the rest of the curve
         else:
             _empty(ax, f"no `{key}` logged")
-    if len(runs) > 1:
-        handles, labels = axes.flat[0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="lower center", ncol=min(len(runs), 6), fontsize=9)
-    fig.tight_layout(rect=(0, 0.06 if len(runs) > 1 else 0, 1, 1))
-    return _save(fig, path)
+    return _save_with_legend(fig, axes.flat[0], len(runs) > 1, path)
 
 
 def plot_eval(runs: Sequence[RunData], path: Path) -> Path:
@@ -130,11 +135,7 @@ def plot_eval(runs: Sequence[RunData], path: Path) -> Path:
         _empty(axes.flat[0], "no evaluation results (eval/step-N.json) in " + ", ".join(r.name for r in runs))
     for ax in list(axes.flat)[len(datasets) or 1:]:
         ax.set_visible(False)
-    if len(runs) > 1 and datasets:
-        handles, labels = axes.flat[0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="lower center", ncol=min(len(runs), 6), fontsize=9)
-    fig.tight_layout(rect=(0, 0.06 if len(runs) > 1 else 0, 1, 1))
-    return _save(fig, path)
+    return _save_with_legend(fig, axes.flat[0], len(runs) > 1 and bool(datasets), path)
 
 
 def plot_mixture(runs: Sequence[RunData], path: Path) -> Path:
