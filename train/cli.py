@@ -213,7 +213,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if missing:
         from train.errors import ConfigError
 
-        raise ConfigError(f"mtf report: {', '.join(missing)} is not a directory; pass run directories "
+        raise ConfigError(f"{', '.join(missing)} is not a directory; pass run directories "
                           "(the `run.output_dir` of a run, e.g. runs/demo).")
     report = write_report(args.runs, args.out)
     if args.json:
