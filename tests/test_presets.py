@@ -54,3 +54,45 @@ def test_demo_is_a_small_cpu_run():
     assert cfg.trainer.precision == "fp32" and cfg.trainer.deepspeed is None
     assert cfg.eval.mixture == "data_mixtures/demo_eval.yaml"
     assert cfg.trainer.max_steps <= 300
+
+
+def test_tfew_3b_matches_the_t_few_paper():
+    """t-few configs/t03b.json + ia3.json + rte.json and src/utils/Config.py defaults."""
+    cfg = load_config("configs/runs/tfew_3b.yaml")
+    assert cfg.model.name_or_path == "bigscience/T0_3B" and cfg.model.kind == "encdec"
+    assert (cfg.peft.method, cfg.peft.target_modules, cfg.peft.feedforward_modules) == ("ia3", ["k", "v", "wi_1"], [])
+    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.clip_grad_norm) == ("adafactor", 3e-3, 1.0)
+    assert (cfg.schedule.name, cfg.schedule.warmup_steps, cfg.trainer.max_steps) == ("linear", 60, 1000)  # 6% warmup
+    assert (cfg.trainer.global_batch_size, cfg.data.packing) == (8, False)  # 8 examples per step
+    assert cfg.data.max_input_tokens == 256 and cfg.trainer.precision == "bf16"
+    w = cfg.trainer.loss_weights
+    assert (w.lm, w.unlikelihood, w.rank_classification) == (1.0, 1.0, 1.0)
+    assert (cfg.eval.length_normalized, cfg.eval.protocol, cfg.eval.protocol_seeds) == (True, "tfew", 5)
+    from train.data.mixtures import load_mixture_spec
+    from train.data.tasks import load_task_file
+
+    tasks = load_task_file(cfg.data.train_mixture).tasks
+    (task,) = tasks.values()
+    assert task.split == "train" and task.few_shot is not None and task.few_shot.k == 32  # t-few num_shot
+    assert load_mixture_spec(cfg.data.train_mixture).task_names() == [task.name]
+
+
+def test_tfew_ia3_pretrain_uses_the_last_file_of_t_fews_config_stack():
+    cfg = load_config("configs/runs/tfew_ia3_pretrain.yaml")
+    assert cfg.model.name_or_path == "bigscience/T0_3B" and cfg.peft.method == "ia3"
+    assert cfg.peft.target_modules == ["k", "v", "wi_1"]
+    assert cfg.optim.lr == 3e-4  # pretrain.json (3e-4) is applied after ia3.json (3e-3)
+    assert (cfg.trainer.max_steps, cfg.trainer.global_batch_size) == (100_000, 16)
+    assert cfg.data.train_mixture.endswith("t0_train.yaml")
+    w = cfg.trainer.loss_weights
+    assert (w.lm, w.unlikelihood, w.rank_classification) == (1.0, 0.0, 0.0)
+
+
+def test_tfew_tiny_is_the_recipe_at_cpu_scale():
+    cfg = load_config("configs/runs/tfew_tiny.yaml")
+    big = load_config("configs/runs/tfew_3b.yaml")
+    assert cfg.model.config == "configs/models/t5_tiny.json" and cfg.trainer.precision == "fp32"
+    assert (cfg.peft.method, cfg.peft.target_modules) == (big.peft.method, big.peft.target_modules)
+    assert cfg.trainer.loss_weights == big.trainer.loss_weights
+    assert (cfg.eval.protocol, cfg.eval.length_normalized) == ("tfew", True)
+    assert cfg.trainer.max_steps <= 100 and cfg.optim.name == "adafactor" and cfg.schedule.name == "linear"

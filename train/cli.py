@@ -105,7 +105,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError("mtf eval needs MODEL (a model directory, run directory or checkpoint), unless --count-shards.")
     results = run_eval_command(model_dir=args.model, mixture=args.mixture, kind=args.kind, tokenizer=args.tokenizer,
                                batch_size=args.batch_size, max_examples_per_template=args.max_examples_per_template,
-                               output=args.output, shard=args.shard)
+                               output=args.output, shard=args.shard, base_model=args.base_model,
+                               protocol=args.protocol, protocol_seeds=args.protocol_seeds,
+                               length_normalized=args.length_normalized)
     if results is not None:
         if args.json:
             _print_json(results)
@@ -120,7 +122,8 @@ def cmd_eval_merge(args: argparse.Namespace) -> int:
     from train.evaluation.runner import merge_results
     from train.evaluation.results import format_results_table, write_results
 
-    results = merge_results(args.shards, mixture=args.mixture)
+    results = merge_results(args.shards, mixture=args.mixture, protocol=args.protocol,
+                            protocol_seeds=args.protocol_seeds, length_normalized=args.length_normalized)
     if args.output:
         write_results(args.output, results)
     if args.json:
@@ -266,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixture", required=True, help="eval mixture YAML, e.g. data_mixtures/demo_eval.yaml")
     p.add_argument("--kind", default="auto", choices=["auto", "encdec", "decoder", "prefix_lm"])
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model directory)")
+    p.add_argument("--base-model", default=None, help="for a peft adapter directory: its base model (directory or hub "
+                   "name); default: the export's base/, else base_model_name_or_path in adapter_config.json")
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--max-examples-per-template", type=positive_int, default=None)
     p.add_argument("--output", default=None, help="write the results JSON here")
@@ -274,6 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "pair (--shard $SLURM_ARRAY_TASK_ID/N). Combine the results with `mtf eval-merge`")
     p.add_argument("--count-shards", action="store_true", help="print the number of (dataset, template) pairs of "
                    "--mixture (the job array size, --array=0-(N-1)) and exit; MODEL is not needed")
+    p.add_argument("--protocol", choices=["t0", "tfew"], default="t0", help="per-dataset number: t0 = median over "
+                   "templates of per-template accuracy; tfew = median over --protocol-seeds seeds of the accuracy with "
+                   "one random template per example (T-Few)")
+    p.add_argument("--protocol-seeds", type=positive_int, default=5, help="tfew: seeds 0..N-1 (default 5)")
+    p.add_argument("--length-normalized", action="store_true", help="score rank classification by the mean token "
+                   "log-probability of each choice (T-Few) instead of the sum (T0)")
     p.add_argument("--json", action="store_true")
 
     p = add("eval-merge", "Merge `mtf eval --shard` result files into one results JSON (same format as a single run): "
@@ -284,6 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixture", default=None, help="the eval mixture the shards came from: check that each of its "
                    "(dataset, template) pairs is present (without it: every shard index 0..COUNT-1)")
     p.add_argument("--output", default=None, help="write the merged results JSON here")
+    p.add_argument("--protocol", choices=["t0", "tfew"], default=None, help="aggregate under this protocol "
+                   "(default: the one the shards used)")
+    p.add_argument("--protocol-seeds", type=positive_int, default=None, help="tfew: seeds 0..N-1 (default: the shards')")
+    p.add_argument("--length-normalized", action=argparse.BooleanOptionalAction, default=None,
+                   help="length-normalised rank-classification scores (default: what the shards used)")
     p.add_argument("--json", action="store_true")
 
     templates = sub.add_parser("templates", help="PromptSource template files").add_subparsers(dest="sub", required=True, metavar="SUBCOMMAND")

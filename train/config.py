@@ -1,6 +1,6 @@
 """Typed, strict run configuration: YAML -> dataclasses, dotted overrides, cross-field checks.
 
-A run config has these sections (each a dataclass below): ``run``, ``model``, ``data``, ``optim``,
+A run config has these sections (each a dataclass below): ``run``, ``model``, ``peft``, ``data``, ``optim``,
 ``schedule``, ``trainer``, ``eval``, ``logging``, ``checkpoint``. Loading is strict:
 
 * an unknown key anywhere fails before any work, naming the file and the key and suggesting the
@@ -53,6 +53,18 @@ class ModelConfig:
 
 
 @dataclass
+class PeftSection:
+    method: Literal["none", "ia3", "lora"] = "none"  # parameter-efficient finetuning through peft; none = every weight
+    target_modules: Optional[list[str]] = None  # module names to adapt; None = the family default (train/modeling/adapters.py)
+    feedforward_modules: Optional[list[str]] = None  # ia3: targets whose INPUT is scaled (FFN); None = the family default
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    init_from: Optional[str] = None  # a peft adapter directory to start from (T-Few: (IA)^3 pre-trained on the mixture)
+    export_merged: bool = False  # also write the base with the adapter merged in, as a plain HF model, to final/merged
+
+
+@dataclass
 class DataConfig:
     train_mixture: str = "data_mixtures/demo_train.yaml"
     max_input_tokens: int = 256  # enc-dec: encoder row capacity
@@ -84,6 +96,23 @@ class ScheduleConfig:
 
 
 @dataclass
+class LossWeightsConfig:
+    """T-Few's three training losses, summed with these weights (each a mean with a global denominator).
+
+    The default trains the LM loss alone, exactly as without this section. A choice loss > 0 makes the
+    packer carry each example's wrong answer choices in its row (see train/data/packing.py).
+    """
+
+    lm: float = 1.0  # the gold target's NLL, normalised by trainer.loss_normalization
+    unlikelihood: float = 0.0  # -log(1 - p + 0.01) over the wrong answer choices' tokens (token mean)
+    rank_classification: float = 0.0  # CE over an example's choices scored by mean token log-prob (example mean)
+
+    def choice_losses(self) -> bool:
+        """True when a loss needs the answer choices in the packed rows."""
+        return self.unlikelihood > 0 or self.rank_classification > 0
+
+
+@dataclass
 class TrainerConfig:
     max_steps: int = 100
     global_batch_size: Optional[int] = 8  # rows (packed sequences) per optimizer step, over all ranks
@@ -92,6 +121,7 @@ class TrainerConfig:
     grad_accum: Optional[int] = None  # derived from the batch, micro-batch and ranks when None
     precision: Precision = "fp32"
     loss_normalization: LossNormalization = "token_mean"
+    loss_weights: LossWeightsConfig = field(default_factory=LossWeightsConfig)  # lm / unlikelihood / rank_classification
     deepspeed: Optional[str] = None  # path to a DeepSpeed JSON (configs/deepspeed/*.json)
     seed: int = 42
     resume: str = "auto"  # "auto" (newest complete checkpoint, if any) | a checkpoint path | "none"
@@ -113,6 +143,9 @@ class EvalConfig:
     batch_size: int = 16  # examples per scoring batch
     best_metric: Optional[str] = None  # e.g. "eval/super_glue/copa/median": keep the best checkpoint by it
     allow_held_out_overlap: bool = False  # train mixture may contain an eval dataset only if True
+    protocol: Literal["t0", "tfew"] = "t0"  # t0: median over templates; tfew: median over seeds, one random template per example
+    protocol_seeds: int = 5  # tfew: seeds 0..N-1
+    length_normalized: bool = False  # rank classification scored by mean (not summed) token log-probability (T-Few)
 
 
 @dataclass
@@ -142,6 +175,7 @@ class CheckpointConfig:
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    peft: PeftSection = field(default_factory=PeftSection)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -395,6 +429,14 @@ def problems(cfg: Config) -> list[str]:
             "(t5#539, transformers#9295). Use `trainer.precision=bf16` (or fp32)."
         )
     out.extend(_bound_problems(cfg, file))
+    w = t.loss_weights
+    if not any(v > 0 for v in (w.lm, w.unlikelihood, w.rank_classification)):
+        out.append(f"{file}: every `trainer.loss_weights` is 0, so nothing would be trained; give at least one of "
+                   "`lm`, `unlikelihood`, `rank_classification` a weight > 0 (T-Few: 1, 1, 1).")
+    if w.choice_losses() and "bloom" in " ".join(str(x).lower() for x in (m.name_or_path, m.config) if x):
+        out.append(f"{file}: `trainer.loss_weights.unlikelihood` / `rank_classification` pack answer choices after the "
+                   "target, which BLOOM's ALiBi cannot keep exact (the input-to-choice distance changes); use the LM "
+                   "loss alone with BLOOM, or a model with position ids (T5, Llama, GPT-2).")
     for key in all_keys():
         if get_key(cfg, key) == "":  # e.g. `run.output_dir=` would write into the current directory
             out.append(f"{file}: `{key}` is an empty string; give a value (or null where that is allowed).")
@@ -414,6 +456,14 @@ def problems(cfg: Config) -> list[str]:
             out.append(f"{file}: `{key}` points to {path!r}, which does not exist (paths are relative to the current directory).")
     if t.deepspeed and Path(t.deepspeed).is_file():
         out.extend(_deepspeed_json_problems(t.deepspeed, file))
+    if cfg.peft.lora_dropout >= 1:
+        out.append(f"{file}: `peft.lora_dropout` is {cfg.peft.lora_dropout}; it must be below 1.")
+    if cfg.peft.method == "none" and (cfg.peft.init_from or cfg.peft.export_merged or cfg.peft.target_modules):
+        out.append(f"{file}: `peft.init_from` / `peft.target_modules` / `peft.export_merged` need an adapter; set "
+                   "`peft.method` to ia3 or lora (or remove them).")
+    if cfg.peft.init_from and not Path(cfg.peft.init_from).is_dir():
+        out.append(f"{file}: `peft.init_from` points to {cfg.peft.init_from!r}, which is not a directory (a peft adapter "
+                   "directory with adapter_config.json, e.g. an adapter run's final/).")
     if m.name_or_path and m.name_or_path.startswith(("/", "./", "../")) and not Path(m.name_or_path).exists():
         out.append(f"{file}: `model.name_or_path` {m.name_or_path!r} is a local path that does not exist.")
     return out
@@ -428,11 +478,13 @@ MINIMUMS: dict[str, tuple[float, bool]] = {
     "optim.clip_grad_norm": (0, False), "schedule.warmup_steps": (0, True),
     "trainer.max_steps": (1, True), "trainer.global_batch_size": (1, True), "trainer.global_batch_tokens": (1, True),
     "trainer.micro_batch_size": (1, True), "trainer.grad_accum": (1, True), "trainer.seed": (0, True),
-    "trainer.max_time": (0, False),
+    "trainer.max_time": (0, False), "trainer.loss_weights.lm": (0, True),
+    "trainer.loss_weights.unlikelihood": (0, True), "trainer.loss_weights.rank_classification": (0, True),
     "eval.every_steps": (1, True), "eval.max_examples_per_template": (1, True),
-    "eval.final_max_examples_per_template": (1, True), "eval.batch_size": (1, True),
+    "eval.final_max_examples_per_template": (1, True), "eval.batch_size": (1, True), "eval.protocol_seeds": (1, True),
     "logging.every_steps": (1, True), "logging.peak_tflops": (0, False),
     "checkpoint.every_steps": (1, True), "checkpoint.keep_last": (1, True),
+    "peft.lora_rank": (1, True), "peft.lora_alpha": (0, False), "peft.lora_dropout": (0, True),
 }
 
 

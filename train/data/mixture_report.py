@@ -1,6 +1,6 @@
 """``mtf mixture show``: what a mixture will feed the model, planned and measured.
 
-Per task: examples (after prompting and tokenizing), planned rate, share of samples realised by the real
+Per task: examples (after prompting and tokenizing), ``k`` and seed of few-shot tasks, planned rate, share of samples realised by the real
 :class:`~train.data.mixtures.MixtureStream`, mean tokens per example, share of tokens, and the expected number
 of epochs for a given training length, flagging tasks repeated more than ``REPEAT_WARNING_EPOCHS`` times
 (data-constrained scaling laws). Optionally a bar chart.
@@ -31,6 +31,7 @@ def mixture_report(
     batch_tokens: int | None = None,
     realised_samples: int = 10_000,
     seed: int = 0,
+    few_shot: Mapping[str, Any] | None = None,
 ) -> dict:
     """Per-task planned and realised shares, token shares and expected epochs (JSON-able).
 
@@ -42,11 +43,12 @@ def mixture_report(
             packing padding is ignored. Tasks above ``REPEAT_WARNING_EPOCHS`` are flagged.
         realised_samples: items drawn from the real :class:`MixtureStream` to measure realised shares.
         seed: the stream seed.
+        few_shot: task -> its :class:`~train.data.few_shot.FewShotSpec` (few-shot tasks only).
 
     Returns:
         {"mixture", "rate", "seed", "steps", "batch_tokens", "realised_samples", "tasks": [per task:
-        task, templates, examples, rate, mean_tokens, token_share, expected_epochs, repeats,
-        realised_share], "warnings": [str]}.
+        task, templates, few_shot ({k, seed} or None), examples, rate, mean_tokens, token_share,
+        expected_epochs, repeats, realised_share], "warnings": [str]}.
     """
     stream = MixtureStream.from_plan(plan, datasets, seed)
     # mean tokens per example of each source, from the Arrow offsets (no row decoding)
@@ -72,6 +74,7 @@ def mixture_report(
     total_tokens = steps * batch_tokens if steps is not None and batch_tokens is not None else None
     warnings = []
     rows_out = []
+    few_shot = dict(few_shot or {})
     for task in sorted(per_task):
         e = per_task[task]
         mean_tokens = e["_tokens"] / e["rate"]
@@ -80,7 +83,12 @@ def mixture_report(
             samples = total_tokens / tokens_per_sample * e["rate"]
             epochs = samples / e["examples"]
         repeats = epochs is not None and epochs > REPEAT_WARNING_EPOCHS
-        if repeats:
+        if repeats and few_shot.get(task) is not None:
+            warnings.append(
+                f"few-shot task '{task}' (k={few_shot[task].k}) would be seen {epochs:.1f} times: expected when "
+                "finetuning on a few examples (T-Few), but watch the eval for overfitting."
+            )
+        elif repeats:
             warnings.append(
                 f"task '{task}' would be seen {epochs:.1f} times (> {REPEAT_WARNING_EPOCHS:g} epochs): "
                 "repeated data helps little beyond ~4 epochs (data-constrained scaling laws); cap it lower."
@@ -89,6 +97,7 @@ def mixture_report(
             {
                 "task": task,
                 "templates": e["templates"] or None,
+                "few_shot": few_shot[task].to_dict() if few_shot.get(task) is not None else None,
                 "examples": e["examples"],
                 "rate": e["rate"],
                 "mean_tokens": mean_tokens,
@@ -113,13 +122,15 @@ def mixture_report(
 
 def format_mixture_report(report: Mapping) -> str:
     """The report as a fixed-width table followed by its warnings."""
-    header = ["task", "tmpl", "examples", "rate", "realised", "tok/ex", "tok share", "epochs", ""]
+    header = ["task", "tmpl", "k", "examples", "rate", "realised", "tok/ex", "tok share", "epochs", ""]
     lines = []
     for t in report["tasks"]:
+        few = t.get("few_shot")
         lines.append(
             [
                 t["task"],
                 str(t["templates"] or "-"),
+                "-" if not few else f"{few['k']} (seed {few['seed']})",  # k rows of a few-shot task
                 f"{t['examples']:,}",
                 f"{t['rate']:.4f}",
                 "-" if t["realised_share"] is None else f"{t['realised_share']:.4f}",
@@ -211,8 +222,9 @@ def show_mixture(
         tokenized[name] = tokenize_prompted(prompted, tokenizer, kind)
     counts = {**dict.fromkeys(tasks, 0), **count_examples(tokenized)}
     plan = plan_mixture(spec, counts)
+    few_shot = {name: task.few_shot for name, task in tasks.items() if task.few_shot is not None}
     report = mixture_report(
-        plan, tokenized, steps=steps, batch_tokens=batch_tokens, realised_samples=samples, seed=seed
+        plan, tokenized, steps=steps, batch_tokens=batch_tokens, realised_samples=samples, seed=seed, few_shot=few_shot
     )
     if plot is not None:
         plot_mixture_report(report, plot)

@@ -6,6 +6,7 @@ A mixture file holds a ``mixture:`` section (this module) next to ``tasks:`` / `
       rate: {type: examples_proportional, maximum: 500000}
       members:
         - task: ag_news
+        - {task: rte, few_shot: {k: 32, seed: 0}}   # k rows drawn with a seed; overrides the task's few_shot
         - mixture: nested.yaml        # its own rate; its members share the rate it gets here
 
 Rate types (``n`` = examples of a member after prompting, tokenizing and filtering):
@@ -60,11 +61,12 @@ from typing import Any
 import numpy as np
 import yaml
 
+from train.data.few_shot import FewShotSpec, overrides_conflict, parse_few_shot
 from train.errors import ConfigError, DataError
 from train.yamlfile import load_yaml
 
 MIXTURE_KEYS = ("rate", "members")
-MEMBER_KEYS = ("task", "mixture", "weight")
+MEMBER_KEYS = ("task", "mixture", "weight", "few_shot")
 RATE_KEYS = {
     "weights": ("type",),
     "examples_proportional": ("type", "maximum"),
@@ -125,12 +127,17 @@ class RateSpec:
 
 @dataclass(frozen=True)
 class MemberSpec:
-    """One entry of ``mixture.members``: exactly one of ``task`` / ``mixture`` is set."""
+    """One entry of ``mixture.members``: exactly one of ``task`` / ``mixture`` is set.
+
+    ``few_shot`` overrides the task's own setting when ``overrides_few_shot`` (``few_shot: null`` = all rows).
+    """
 
     where: str  # "<file>: mixture.members[i]", for error messages
     task: str | None = None
     mixture: MixtureSpec | None = None
     weight: float | None = None
+    few_shot: FewShotSpec | None = None
+    overrides_few_shot: bool = False
 
 
 @dataclass(frozen=True)
@@ -150,6 +157,22 @@ class MixtureSpec:
             else:
                 names.update(member.mixture.task_names())
         return sorted(names)
+
+    def few_shot_overrides(self) -> dict[str, tuple[FewShotSpec | None, str]]:
+        """task -> (its members' few-shot setting, where it was set), nested mixtures included.
+
+        Raises:
+            ConfigError: two members give the same task different settings (a task is rendered once).
+        """
+        out: dict[str, tuple[FewShotSpec | None, str]] = {}
+        for member in self.members:
+            found = member.mixture.few_shot_overrides() if member.mixture is not None else (
+                {member.task: (member.few_shot, member.where)} if member.overrides_few_shot else {})
+            for task, (spec, where) in found.items():
+                if task in out and out[task][0] != spec:
+                    raise overrides_conflict(task, out[task][0], spec, out[task][1], where)
+                out.setdefault(task, (spec, where))
+        return out
 
 
 def _unknown_key_error(key: Any, allowed: Sequence[str], where: str) -> ConfigError:
@@ -225,7 +248,8 @@ def load_mixture_spec(path: str | Path, _stack: tuple[Path, ...] = ()) -> Mixtur
     Raises:
         ConfigError: missing file, bad YAML, unknown key (with the closest valid one), a rate, weight,
             maximum or temperature <= 0, a cap < 1, a member with both / neither of task and mixture, a
-            duplicate member, an empty ``members`` list, or a cycle of nested mixtures.
+            duplicate member, an empty ``members`` list, a cycle of nested mixtures, or a bad ``few_shot``
+            (see :func:`train.data.few_shot.parse_few_shot`).
     """
     path = Path(path).resolve()
     if path in _stack:
@@ -273,11 +297,16 @@ def load_mixture_spec(path: str | Path, _stack: tuple[Path, ...] = ()) -> Mixtur
             if not isinstance(name, str) or not name:
                 raise ConfigError(f"{mwhere}.task must be a task name, got {name!r}.")
             key = ("task", name)
-            member = MemberSpec(where=mwhere, task=name, weight=weight)
+            member = MemberSpec(where=mwhere, task=name, weight=weight,
+                                few_shot=parse_few_shot(entry.get("few_shot"), f"{mwhere} (task '{name}')"),
+                                overrides_few_shot="few_shot" in entry)
         else:
             ref = entry["mixture"]
             if not isinstance(ref, str) or not ref:
                 raise ConfigError(f"{mwhere}.mixture must be a file path, got {ref!r}.")
+            if "few_shot" in entry:
+                raise ConfigError(f"{mwhere}: few_shot applies to a task member; set it on the members or tasks of "
+                                  f"{ref}.")
             nested_path = (path.parent / ref).resolve()
             key = ("mixture", str(nested_path))
             nested = load_mixture_spec(nested_path, (*_stack, path))
@@ -431,6 +460,9 @@ def count_examples(datasets: Mapping[str, Any]) -> dict[str, int | dict[str, int
 # --------------------------------------------------------------------------------------------------
 
 
+CHOICE_COLUMNS = ("choice_ids", "choice_lengths")  # optional; passed through to the packer when present
+
+
 class _TokenColumns:
     """Fast ``row -> (input_ids, target_ids)`` straight from the Arrow buffers (no per-row decoding).
 
@@ -453,6 +485,9 @@ class _TokenColumns:
         self.num_rows = len(dataset)
         table = dataset.data.table if hasattr(dataset.data, "table") else dataset.data
         self._columns = [self._chunks(table.column(c)) for c in ("input_ids", "target_ids")]
+        # The wrong answer choices ride along when tokenization made them (T-Few's choice losses, packing.py).
+        has_choices = all(c in dataset.column_names for c in CHOICE_COLUMNS)
+        self._choices = [self._chunks(table.column(c)) for c in CHOICE_COLUMNS] if has_choices else []
 
     @staticmethod
     def _chunks(column: Any) -> tuple[list[int], list[np.ndarray], list[np.ndarray]]:
@@ -475,6 +510,15 @@ class _TokenColumns:
             off = offsets[c]
             out.append(values[c][off[local] : off[local + 1]].tolist())
         return out[0], out[1]
+
+    def choices(self, row: int) -> dict[str, list[int]]:
+        """``{"choice_ids", "choice_lengths"}`` of ``row`` (see train.data.tokenization), {} without those columns."""
+        out = {}
+        for name, (starts, offsets, values) in zip(CHOICE_COLUMNS, self._choices):
+            c = bisect.bisect_right(starts, row) - 1
+            off = offsets[c]
+            out[name] = values[c][off[row - starts[c]] : off[row - starts[c] + 1]].tolist()
+        return out
 
     def lengths(self) -> np.ndarray:
         """(num_rows,) tokens per example, input + target."""
@@ -581,7 +625,8 @@ class MixtureStream:
     """Infinite, seeded, exactly resumable, shardable stream over the sources of a mixture.
 
     Yields ``{"task": str, "index": int, "input_ids": list[int], "target_ids": list[int]}`` where
-    ``index`` is the row of the task's tokenized dataset.
+    ``index`` is the row of the task's tokenized dataset, plus ``choice_ids`` / ``choice_lengths`` when the
+    dataset has those columns.
     """
 
     def __init__(
@@ -724,7 +769,8 @@ class MixtureStream:
         row = source.rows[offset] if isinstance(source.rows, range) else int(source.rows[offset])
         input_ids, target_ids = source.columns.get(row)
         self._position = position + self.world_size
-        return {"task": source.task, "index": int(row), "input_ids": input_ids, "target_ids": target_ids}
+        return {"task": source.task, "index": int(row), "input_ids": input_ids, "target_ids": target_ids,
+                **source.columns.choices(row)}
 
     def take(self, count: int) -> list[dict]:
         """The next ``count`` items."""

@@ -45,6 +45,39 @@ Over-long examples follow ``overlong_policy`` and are counted in :attr:`Packer.s
 - ``"drop"``: drop every over-long example.
 
 ``pack=False`` emits one example per row through the same code path (for unpacked training, e.g. mT0).
+
+Answer choices (``choices=True``, set when T-Few's unlikelihood or rank-classification loss is on): an
+example's WRONG choices (``choice_ids`` / ``choice_lengths`` from :mod:`train.data.tokenization`; the gold
+choice is the target itself) belong to its segment and take row capacity. Every token gets a *branch*
+id within its segment: 0 = input (decoders), 1 = the target (the gold choice), 2, 3, ... = the wrong
+choices. Enc-dec puts the choices in the target row, each restarting its positions at 0 (so each gets
+its own decoder start token)::
+
+    inputs   tokens      a1 a2 </s> b1 </s>
+             segment_ids  1  1   1   2   2
+    targets  tokens      x1 </s> n1 n2 </s> m1 </s> y1 </s>      x = gold, n and m = wrong choices of a
+             segment_ids  1   1   1  1   1   1   1   2   2
+             branch_ids   1   1   2  2   2   3   3   1   1      (target_branch_ids)
+             positions    0   1   0  1   2   0   1   0   1
+
+Decoder / prefix-LM append the wrong choices after the target, with the positions the target has (they
+continue from the input length), so each choice reads as if it directly followed the input::
+
+    tokens       a1 a2 x1 </s> n1 n2 </s> b1 y1 </s>
+    segment_ids   1  1  1   1   1  1   1   2  2   2
+    branch_ids    0  0  1   1   2  2   2   0  1   1
+    positions     0  1  2   3   2  3   4   0  1   2
+    prefix_mask   1  1  0   0   0  0   0   1  0   0
+    loss_mask     0  0  1   1   0  0   0   0  1   1    (choices carry no LM loss)
+
+:mod:`train.modeling.features` lets a token attend only to its own branch (plus, for decoders, its
+segment's input), so every choice is scored exactly as if run alone after the input. Over-long choices:
+the choices never cause truncation. The example is first fitted by ``overlong_policy`` as above; if its
+target was cut (the gold choice would no longer be whole) or its wrong choices do not fit next to it in
+an empty row (enc-dec: target + choices > ``max_target_tokens``; decoder: input + target + choices >
+``max_tokens``), the choice set is dropped, counted in ``stats["dropped_choice_sets"]``, and the example
+keeps its LM loss. With ``choices=False`` (the default) choice columns are ignored and rows, counters and
+state are exactly those of a packer that never heard of choices.
 """
 
 from __future__ import annotations
@@ -73,6 +106,11 @@ _COUNTERS = (
     "truncated_tokens",  # tokens removed by truncation, both parts
     "dropped_overlong",  # examples dropped by the over-long policy
 )
+_CHOICE_COUNTERS = (  # only with choices=True
+    "choice_sets",  # examples packed with a usable choice set (gold + >= 1 wrong choice)
+    "choice_tokens",  # wrong-choice tokens in emitted rows
+    "dropped_choice_sets",  # choice sets dropped by the over-long rule (their examples keep the LM loss)
+)
 
 
 class Packer:
@@ -86,6 +124,7 @@ class Packer:
         pack: False emits one example per row (unpacked training through the same path).
         window: how many rows may be open at once (memory bound and packing quality).
         overlong_policy: one of OVERLONG_POLICIES, see the module docstring.
+        choices: carry each example's wrong answer choices in its segment (T-Few's choice losses).
 
     Raises:
         ConfigError: unknown kind or policy, missing or non-positive capacity, window < 1.
@@ -101,6 +140,7 @@ class Packer:
         pack: bool = True,
         window: int = 16,
         overlong_policy: str = "truncate_left",
+        choices: bool = False,
     ) -> None:
         if kind not in KINDS:
             raise ConfigError(f"packing: unknown model kind {kind!r}; expected one of {list(KINDS)}")
@@ -126,11 +166,13 @@ class Packer:
         self.pack = pack
         self.window = window if pack else 1
         self.overlong_policy = overlong_policy
+        self.choices = bool(choices)
+        self._counters = _COUNTERS + (_CHOICE_COUNTERS if self.choices else ())
         self._bins: list[list[dict]] = []  # open rows, oldest first; each a list of examples
         self._sizes: list[tuple[int, int]] = []  # (input, target) tokens used by each open row; derived state
         self._ready: deque[dict] = deque()  # rows built and waiting to be returned
         self._exhausted = False
-        self.stats: dict[str, int] = {name: 0 for name in _COUNTERS}
+        self.stats: dict[str, int] = {name: 0 for name in self._counters}
         self._dropped_in_a_row = 0  # derived, not saved: it only decides when to give up on a stream
 
     # ------------------------------------------------------------------ public API
@@ -207,7 +249,7 @@ class Packer:
         self._sizes = [self._used(b) for b in self._bins]
         self._ready = deque(copy.deepcopy(state["ready"]))
         self._exhausted = bool(state["exhausted"])
-        self.stats = {name: int(state["stats"].get(name, 0)) for name in _COUNTERS}
+        self.stats = {name: int(state["stats"].get(name, 0)) for name in self._counters}
 
     def efficiency(self) -> dict[str, float]:
         """Packing efficiency over the rows emitted so far.
@@ -220,9 +262,10 @@ class Packer:
         out = {"examples_per_row": self.stats["examples_packed"] / rows}
         if self.kind == "encdec":
             out["input_efficiency"] = self.stats["input_tokens"] / (rows * self.max_input_tokens)
-            out["target_efficiency"] = self.stats["target_tokens"] / (rows * self.max_target_tokens)
+            targets = self.stats["target_tokens"] + self.stats.get("choice_tokens", 0)  # both fill the target row
+            out["target_efficiency"] = targets / (rows * self.max_target_tokens)
         else:
-            real = self.stats["input_tokens"] + self.stats["target_tokens"]
+            real = self.stats["input_tokens"] + self.stats["target_tokens"] + self.stats.get("choice_tokens", 0)
             out["efficiency"] = real / (rows * self.max_tokens)
         return out
 
@@ -237,6 +280,7 @@ class Packer:
             "pack": self.pack,
             "window": self.window,
             "overlong_policy": self.overlong_policy,
+            **({"choices": True} if self.choices else {}),  # absent when off: older checkpoints still resume
         }
 
     def _add(self, raw: dict) -> None:
@@ -256,7 +300,7 @@ class Packer:
             self._emit([example])
             return
         best = self._best_bin(example)
-        n_in, n_tgt = len(example["input_ids"]), len(example["target_ids"])
+        n_in, n_tgt = _parts(example)
         if best is None:
             if len(self._bins) >= self.window:
                 self._emit(self._fullest_bin())
@@ -286,15 +330,39 @@ class Packer:
                     "and one target token (check the template renders non-empty text)"
                 )
         # Keep only what rows need; the buffered state stays small and JSON-able.
-        return {
+        example = {
             "input_ids": [int(t) for t in raw["input_ids"]],
             "target_ids": [int(t) for t in raw["target_ids"]],
             "task": str(raw.get("task", "")),
             "index": raw.get("index"),
         }
+        if self.choices and raw.get("choice_lengths") is not None and len(raw["choice_lengths"]) > 0:
+            lengths, flat = [int(n) for n in raw["choice_lengths"]], [int(t) for t in raw.get("choice_ids", ())]
+            if min(lengths) < 1 or sum(lengths) != len(flat):
+                raise DataError(f"packing: example ({where}) has choice_lengths {lengths} that do not split its "
+                                f"{len(flat)} choice_ids into non-empty choices; re-tokenize the data")
+            starts = [sum(lengths[:i]) for i in range(len(lengths))]
+            example["choices"] = [flat[a : a + n] for a, n in zip(starts, lengths)]  # the wrong choices
+        return example
 
     def _fit(self, ex: dict) -> dict | None:
-        """Apply the over-long policy. Returns the (possibly truncated) example, or None if dropped."""
+        """Apply the over-long policy, then the choices rule. Returns the (possibly truncated) example, or None."""
+        n_tgt = len(ex["target_ids"])
+        fitted = self._fit_lm(ex)
+        if fitted is None or "choices" not in fitted:
+            return fitted
+        extra = sum(len(c) for c in fitted["choices"])
+        if self.kind == "encdec":
+            fits = len(fitted["target_ids"]) + extra <= self.max_target_tokens
+        else:
+            fits = len(fitted["input_ids"]) + len(fitted["target_ids"]) + extra <= self.max_tokens
+        if not fits or len(fitted["target_ids"]) < n_tgt:  # a cut target is no longer the gold choice
+            del fitted["choices"]
+            self.stats["dropped_choice_sets"] += 1
+        return fitted
+
+    def _fit_lm(self, ex: dict) -> dict | None:
+        """Apply the over-long policy to input and target. Returns the (possibly truncated) example, or None."""
         n_in, n_tgt = len(ex["input_ids"]), len(ex["target_ids"])
         if self.kind == "encdec":
             in_budget, tgt_budget = self.max_input_tokens, self.max_target_tokens
@@ -333,15 +401,15 @@ class Packer:
         return None
 
     def _used(self, bin_: list[dict]) -> tuple[int, int]:
-        n_in = sum(len(ex["input_ids"]) for ex in bin_)
-        n_tgt = sum(len(ex["target_ids"]) for ex in bin_)
-        return n_in, n_tgt
+        parts = [_parts(ex) for ex in bin_]
+        return sum(p[0] for p in parts), sum(p[1] for p in parts)
 
     def _slack_after(self, used: tuple[int, int], ex: dict) -> float | None:
         """Free fraction left in the row after adding ``ex`` (tighter part for enc-dec); None if it does not fit."""
         n_in, n_tgt = used
-        n_in += len(ex["input_ids"])
-        n_tgt += len(ex["target_ids"])
+        ex_in, ex_tgt = _parts(ex)
+        n_in += ex_in
+        n_tgt += ex_tgt
         if self.kind == "encdec":
             if n_in > self.max_input_tokens or n_tgt > self.max_target_tokens:
                 return None
@@ -382,20 +450,41 @@ class Packer:
             self._sizes.pop(which)
         else:
             bin_ = which
-        self._ready.append(build_row(bin_, self.kind))
-        n_in, n_tgt = self._used(bin_)
+        self._ready.append(build_row(bin_, self.kind, choices=self.choices))
         self.stats["rows"] += 1
         self.stats["examples_packed"] += len(bin_)
-        self.stats["input_tokens"] += n_in
-        self.stats["target_tokens"] += n_tgt
+        self.stats["input_tokens"] += sum(len(ex["input_ids"]) for ex in bin_)
+        self.stats["target_tokens"] += sum(len(ex["target_ids"]) for ex in bin_)
+        if self.choices:
+            self.stats["choice_sets"] += sum("choices" in ex for ex in bin_)
+            self.stats["choice_tokens"] += sum(len(c) for ex in bin_ for c in ex.get("choices", ()))
 
 
-def build_row(examples: list[dict], kind: str) -> dict:
+def _parts(ex: dict) -> tuple[int, int]:
+    """(input, target-part) tokens an example occupies; its wrong choices count in the target part."""
+    return len(ex["input_ids"]), len(ex["target_ids"]) + sum(len(c) for c in ex.get("choices", ()))
+
+
+def count_choice_sets(rows: list[dict]) -> int:
+    """Examples with a usable choice set in packed rows (segments holding a branch >= 2)."""
+    n = 0
+    for row in rows:
+        branch = row.get("target_branch_ids", row.get("branch_ids"))
+        segments = row.get("target_segment_ids", row.get("segment_ids"))
+        if branch is not None:
+            n += len({s for s, b in zip(segments, branch) if b >= 2})
+    return n
+
+
+def build_row(examples: list[dict], kind: str, *, choices: bool = False) -> dict:
     """Concatenate examples into one packed row (no padding).
 
     Args:
-        examples: tokenized examples that fit the row together.
+        examples: tokenized examples that fit the row together; with ``choices``, an example's optional
+            "choices" (its wrong choices' token lists) go into its segment as branches 2, 3, ...
         kind: "encdec", "decoder" or "prefix_lm".
+        choices: also emit branch ids ("target_branch_ids" for enc-dec, "branch_ids" for decoders), even
+            when no example has choices, so every row of a run has the same fields.
 
     Returns:
         The packed-row dict of COMMON.md, plus "indices" (each segment's source index, or None).
@@ -404,15 +493,20 @@ def build_row(examples: list[dict], kind: str) -> dict:
     row["indices"] = [ex.get("index") for ex in examples]
     if kind == "encdec":
         for part, key in (("input", "input_ids"), ("target", "target_ids")):
-            ids, seg, pos = [], [], []
+            ids, seg, pos, branch = [], [], [], []
             for s, ex in enumerate(examples, start=1):
-                n = len(ex[key])
-                ids += ex[key]
-                seg += [s] * n
-                pos += list(range(n))
+                # the target part: the target (branch 1), then each wrong choice (2, 3, ...), positions from 0
+                spans = [ex[key]] + (list(ex.get("choices", ())) if part == "target" and choices else [])
+                for b, tokens in enumerate(spans, start=1):
+                    ids += tokens
+                    seg += [s] * len(tokens)
+                    pos += list(range(len(tokens)))
+                    branch += [b] * len(tokens)
             row[f"{part}_ids"], row[f"{part}_segment_ids"], row[f"{part}_positions"] = ids, seg, pos
+            if part == "target" and choices:
+                row["target_branch_ids"] = branch
         return row
-    ids, seg, pos, loss_mask, prefix_mask = [], [], [], [], []
+    ids, seg, pos, loss_mask, prefix_mask, branch = [], [], [], [], [], []
     for s, ex in enumerate(examples, start=1):
         n_in, n_tgt = len(ex["input_ids"]), len(ex["target_ids"])
         ids += ex["input_ids"] + ex["target_ids"]
@@ -420,5 +514,16 @@ def build_row(examples: list[dict], kind: str) -> dict:
         pos += list(range(n_in + n_tgt))
         loss_mask += [0] * n_in + [1] * n_tgt
         prefix_mask += [1] * n_in + [0] * n_tgt
+        branch += [0] * n_in + [1] * n_tgt
+        for b, tokens in enumerate(ex.get("choices", ()) if choices else (), start=2):
+            n = len(tokens)  # a wrong choice takes the target's place: positions continue from the input
+            ids += tokens
+            seg += [s] * n
+            pos += list(range(n_in, n_in + n))
+            loss_mask += [0] * n
+            prefix_mask += [0] * n
+            branch += [b] * n
     row.update(input_ids=ids, segment_ids=seg, positions=pos, loss_mask=loss_mask, prefix_mask=prefix_mask)
+    if choices:
+        row["branch_ids"] = branch
     return row

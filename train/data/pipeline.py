@@ -2,13 +2,14 @@
 
 Each stage lives in its own module (:mod:`train.data.tasks`, :mod:`train.data.tokenization`, :mod:`train.data.mixtures`,
 :mod:`train.data.packing`); this module only wires them in order from a run config, and loads the eval
-mixture's prompted examples for the eval hook. The held-out guard runs here, before any tokenization.
+mixture's prompted examples for the eval hook. The held-out guard runs here, before any tokenization, and
+applies to few-shot tasks like any other. Mixture members' ``few_shot`` settings override their tasks' here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
-
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Optional
@@ -27,7 +28,13 @@ def _mixture_files(spec: Any) -> list[Path]:
 
 
 def load_mixture_tasks(path: str | Path, *, data_root: Optional[str] = None) -> tuple[Any, dict]:
-    """(mixture spec, every task defined by the mixture file and its nested mixtures' files)."""
+    """(mixture spec, every task defined by the mixture file and its nested mixtures' files).
+
+    A member's ``few_shot`` (even ``null``) replaces its task's own setting.
+
+    Raises:
+        ConfigError: as the mixture and task file loaders; two members give one task different few-shot settings.
+    """
     from train.data.mixtures import load_mixture_spec
     from train.data.tasks import load_task_file
 
@@ -36,6 +43,9 @@ def load_mixture_tasks(path: str | Path, *, data_root: Optional[str] = None) -> 
     for file in _mixture_files(spec):
         for name, task in load_task_file(file, data_root=data_root).tasks.items():
             tasks.setdefault(name, task)
+    for name, (few_shot, _) in spec.few_shot_overrides().items():
+        if name in tasks:  # an unknown name is reported with the known ones by load_train_tasks / plan_mixture
+            tasks[name] = dataclasses.replace(tasks[name], few_shot=few_shot)
     return spec, tasks
 
 
@@ -47,6 +57,31 @@ def load_train_tasks(cfg: Config) -> tuple[Any, dict]:
         raise ConfigError(f"{cfg.data.train_mixture}: the mixture samples tasks that no file defines: {', '.join(missing)}. "
                           f"Defined: {', '.join(sorted(tasks))}.")
     return spec, {name: tasks[name] for name in spec.task_names()}
+
+
+def few_shot_record(cfg: Config) -> Optional[dict]:
+    """The ``few_shot.json`` document of a run's training tasks, or None when no task is few-shot.
+
+    It goes through the same :meth:`~train.data.tasks.Task.load_rows` as the rendering in
+    :func:`build_training_data` (cached, deterministic), so it names exactly the rows the run trains on.
+    """
+    from train.data.few_shot import record
+
+    _, tasks = load_train_tasks(cfg)
+    draws = {}
+    for name, task in tasks.items():
+        if task.few_shot is not None:
+            _, draw = task.load_rows(cfg.data.max_examples_per_task, cache_dir=cfg.data.cache_dir)
+            draws[name] = (draw, {"dataset": task.metadata.dataset, "task_file": task.file})
+    return record(draws) if draws else None
+
+
+def write_few_shot_record(cfg: Config, output_dir: str | Path) -> Optional[Path]:
+    """Write ``<output_dir>/few_shot.json`` (atomically) when the run has few-shot tasks; call on the main process."""
+    from train.data.few_shot import write_record
+
+    document = few_shot_record(cfg)
+    return write_record(output_dir, document) if document is not None else None
 
 
 def load_eval_file(path: str, cfg: Optional[Config] = None) -> Any:
@@ -139,7 +174,7 @@ def build_training_data(cfg: Config, tokenizer: Any, kind: str, accelerator: Any
     stream = MixtureStream.from_plan(plan, tokenized, seed=cfg.trainer.seed)
     packer = Packer(kind, max_input_tokens=cfg.data.max_input_tokens, max_target_tokens=cfg.data.max_target_tokens,
                     max_tokens=cfg.data.max_tokens, pack=cfg.data.packing, window=cfg.data.pack_window,
-                    overlong_policy=cfg.data.overlong)
+                    overlong_policy=cfg.data.overlong, choices=cfg.trainer.loss_weights.choice_losses())
     return stream, packer, evaluation
 
 

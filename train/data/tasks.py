@@ -14,6 +14,7 @@ A task file (``data_mixtures/*.yaml``) looks like::
         templates: {file: templates/super_glue/copa/templates.yaml, names: null, original_task: true,
                     choices_in_prompt: null, languages: [en]}
         metadata: {dataset: super_glue/copa, cluster: sentence_completion, language: en}
+        few_shot: {k: 32, seed: 0}           # optional: k rows drawn with a seed (train.data.few_shot)
     mixture: ...                         # owned by train.data.mixtures: kept untouched in TaskFile.sections
     eval: ...                            # owned by the eval module: kept untouched
 
@@ -31,11 +32,12 @@ Using local files without editing a task file (two mechanisms, both arguments of
 
 Prompted examples follow the contract in COMMON.md: ``{"inputs", "targets", "answer_choices", "task",
 "dataset", "template", "example_index"}`` where ``example_index`` is the row index in the preprocessed
-split. Rows whose render is empty or lacks a field are skipped and counted per (dataset, template)
-(:class:`RenderReport`). Missing fields and runtime errors count as *failures*: above
-``max_failure_fraction`` of the rows a ``DataError`` names template, field and a row. Empty renders do not
-count as failures, because conditional templates produce them by design (TREC's ``fine_grained_LOC``
-renders only LOC questions, ~15% of rows; COPA's "…which may be caused by" only ``cause`` rows).
+split (for a few-shot task too: the drawn row's index in the whole split). Rows whose render is empty or
+lacks a field are skipped and counted per (dataset, template) (:class:`RenderReport`). Missing fields and
+runtime errors count as *failures*: above ``max_failure_fraction`` of the rows a ``DataError`` names
+template, field and a row. Empty renders do not count as failures, because conditional templates produce
+them by design (TREC's ``fine_grained_LOC`` renders only LOC questions, ~15% of rows; COPA's "…which may
+be caused by" only ``cause`` rows).
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ import yaml
 
 from train.errors import ConfigError, DataError, TemplateError
 from train.yamlfile import load_yaml
+from train.data.few_shot import FewShotDraw, FewShotSpec, draw_rows, parse_few_shot
 from train.data.preprocessors import PREPROCESSORS, PreprocessorRegistry
 from train.data.templates import (SKIP_MISSING_FIELD, SKIP_RENDER_ERROR, fails_on_data, TEXT_VAR_LENGTH, Template,
                              TemplateMetadata, load_templates)
@@ -68,7 +71,7 @@ _READER_VERSION = "2"  # bump when _read_records changes, to invalidate cached A
 _RENDER_VERSION = "1"
 
 FILE_KEYS = ("tasks", "include")  # the top-level keys this module owns; others are passed through
-TASK_KEYS = ("name", "source", "split", "preprocessors", "templates", "metadata")
+TASK_KEYS = ("name", "source", "split", "preprocessors", "templates", "metadata", "few_shot")
 SOURCE_KEYS = {"hub": ("type", "path", "name"),
                **{t: ("type", "data_files", "fields", "join") for t in LOCAL_TYPES}}
 JOIN_KEYS = ("type", "data_files", "key")  # not "on": YAML 1.1 reads it as True
@@ -135,9 +138,11 @@ class PreprocessorCall:
 
 @dataclasses.dataclass
 class RenderReport:
-    """Per (dataset, template): rows seen, rows rendered, skips by reason and the first skipped row."""
+    """Per (dataset, template): rows seen, rows rendered, skips by reason and the first skipped row; and,
+    for a few-shot task, the rows drawn."""
 
     entries: dict[tuple[str, str], dict] = dataclasses.field(default_factory=dict)
+    few_shot: Optional[FewShotDraw] = None
 
     def to_dict(self) -> list[dict]:
         return [{"dataset": d, "template": t, **v} for (d, t), v in self.entries.items()]
@@ -158,27 +163,38 @@ class Task:
     metadata: TaskMetadata
     file: str
     data_root: Optional[str] = None
+    few_shot: Optional[FewShotSpec] = None  # k rows drawn with a seed; a mixture member may override it
 
     # -- data ---------------------------------------------------------------------------------------
     def load(self, max_examples: Optional[int] = None, *, cache_dir: Optional[str] = None) -> datasets.Dataset:
-        """Source rows after the preprocessors (the HF schema the templates expect).
+        """The rows this task uses, after the preprocessors (the HF schema the templates expect).
 
         Args:
-            max_examples: keep only the first N rows of the preprocessed split.
+            max_examples: keep only the first N rows of the preprocessed split (of a few-shot task: the
+                first N rows of its draw, see :mod:`train.data.few_shot`).
             cache_dir: datasets cache folder (default: the HF datasets cache).
 
         Raises:
-            DataError: missing/undecodable/empty files, unreachable hub dataset, preprocessor failure.
+            DataError: missing/undecodable/empty files, unreachable hub dataset, preprocessor failure,
+                ``few_shot.k`` larger than the split.
         """
+        return self.load_rows(max_examples, cache_dir=cache_dir)[0]
+
+    def load_rows(self, max_examples: Optional[int] = None, *,
+                  cache_dir: Optional[str] = None) -> tuple[datasets.Dataset, Optional[FewShotDraw]]:
+        """(rows, the few-shot draw or None): :meth:`load` plus which rows of the split a few-shot task kept."""
         ds = self._load_source(cache_dir)
         if self.preprocessors or self.source.join is not None:
             ds = self._preprocess(ds)
         if len(ds) == 0:
             raise DataError(f"task {self.name!r} ({self.file}): split {self.split!r} has no rows after "
                             f"preprocessing. Check the data files and the preprocessors.")
+        if self.few_shot is not None:
+            draw = draw_rows(ds, self.few_shot, split=self.split, where=self._where(), cap=max_examples)
+            return ds.select(draw.indices, new_fingerprint=_hash(["few_shot", ds._fingerprint, draw.indices])), draw
         if max_examples is not None:
             ds = ds.select(range(min(max_examples, len(ds))))
-        return ds
+        return ds, None
 
     def _where(self) -> str:
         return f"task {self.name!r} ({self.file})"
@@ -295,17 +311,19 @@ class Task:
         Raises:
             DataError / TemplateError: as described above, naming task, template, field and a row.
         """
-        raw = self.load(max_examples, cache_dir=cache_dir)
-        report = RenderReport()
+        raw, draw = self.load_rows(max_examples, cache_dir=cache_dir)
+        # example_index = the row's index in the whole split, also when a few-shot draw picked the rows
+        row_ids = list(draw.indices) if draw is not None else None
+        report = RenderReport(few_shot=draw)
         parts = []
         for tpl in self.select_templates():
             tpl.compile()  # template bugs (syntax, unknown filter) fail here, before any row is mapped
             spec = tpl.to_dict()
             fingerprint = _hash(["render", _RENDER_VERSION, raw._fingerprint, spec, max_field_chars, self.name,
-                                 self.metadata.dataset])
+                                 self.metadata.dataset, row_ids])
             rendered = raw.map(_render_batch, batched=True, with_indices=True, remove_columns=raw.column_names,
                                fn_kwargs={"template": spec, "task": self.name, "dataset": self.metadata.dataset,
-                                          "max_field_chars": max_field_chars},
+                                          "max_field_chars": max_field_chars, "row_ids": row_ids},
                                features=datasets.Features({**PROMPTED_FEATURES, **_SKIP_COLUMNS}),
                                new_fingerprint=fingerprint, desc=f"render {self.name}/{tpl.name}")
             reasons = rendered["_skip_reason"]
@@ -313,7 +331,7 @@ class Task:
             first = {}
             for i, r in enumerate(reasons):
                 if r and r not in first:
-                    first[r] = {"example_index": i, "detail": rendered[i]["_skip_detail"]}
+                    first[r] = {"example_index": row_ids[i] if row_ids else i, "detail": rendered[i]["_skip_detail"]}
             n = len(reasons)
             report.entries[(self.metadata.dataset, tpl.name)] = {
                 "rows": n, "rendered": n - sum(counts.values()), "skipped": dict(counts), "first_skip": first}
@@ -483,13 +501,14 @@ def _preprocess_batch(batch: dict[str, list], indices: list[int], calls: list, j
 
 
 def _render_batch(batch: dict[str, list], indices: list[int], template: dict, task: str, dataset: str,
-                  max_field_chars: Optional[int]) -> dict[str, list]:
+                  max_field_chars: Optional[int], row_ids: Optional[list[int]] = None) -> dict[str, list]:
     spec = dict(template)
     meta = spec.pop("metadata")
     tpl = Template(**spec, metadata=TemplateMetadata(**{k: tuple(v) if isinstance(v, list) else v
                                                         for k, v in meta.items()}))
     out: dict[str, list] = {k: [] for k in list(PROMPTED_FEATURES) + list(_SKIP_COLUMNS)}
     for index, values in zip(indices, zip(*batch.values())):
+        index = row_ids[index] if row_ids is not None else index  # the row's index in the whole split
         example = dict(zip(batch, values))
         rendered, reason, detail = tpl.render_or_skip(example, seed_key=index, max_field_chars=max_field_chars)
         out["inputs"].append(rendered.inputs if rendered else "")
@@ -620,7 +639,7 @@ def _parse_task(raw: Any, base: Path, path: str, registry: PreprocessorRegistry)
         raise ConfigError(f"{where}.metadata: 'dataset' (e.g. super_glue/rte) is required")
     metadata = TaskMetadata(dataset=str(m["dataset"]), cluster=m.get("cluster"), language=m.get("language"))
     return Task(name=name, source=source, split=str(raw["split"]), preprocessors=tuple(calls),
-                templates=templates, metadata=metadata, file=path)
+                templates=templates, metadata=metadata, file=path, few_shot=parse_few_shot(raw.get("few_shot"), where))
 
 
 def load_task_file(path: str | Path, *, data_files: Optional[Mapping[str, Any]] = None,
@@ -819,9 +838,10 @@ def preview(task_or_file: Union[Task, TaskFile, str, Path], n: int = 3, *,
     tasks = list(task_or_file.tasks.values()) if isinstance(task_or_file, TaskFile) else [task_or_file]
     out = []
     for task in tasks:
-        rows = task.load(n)
+        rows, draw = task.load_rows(n)
         for tpl in task.select_templates():
             for i, row in enumerate(rows):
+                i = draw.indices[i] if draw is not None else i  # the row's index in the whole split
                 r, reason, detail = tpl.render_or_skip(row, seed_key=i, max_field_chars=max_field_chars)
                 out.append({"inputs": r.inputs if r else "", "targets": r.targets if r else [],
                             "answer_choices": r.answer_choices if r else [], "task": task.name,

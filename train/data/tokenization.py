@@ -9,6 +9,18 @@ The leading space on decoder targets makes ``input + target`` read as one natura
 tokenizers. Special tokens are never added by the tokenizer itself (``add_special_tokens=False``); the
 eos is appended here, so T5 (which adds eos itself) and GPT-2 (which does not) behave the same.
 
+Answer choices (for T-Few's unlikelihood and rank-classification losses) are tokenized like targets
+(``tok(choice) + [eos]``, decoders ``tok(" " + choice) + [eos]``) into two flat columns, so the mixture
+stream reads them from the Arrow buffers like the other token columns::
+
+    choice_ids     = the WRONG choices' tokens, concatenated    e.g. [n1, n2, eos, m1, eos]
+    choice_lengths = tokens of each wrong choice                 e.g. [3, 2]     ([] = no usable choice set)
+
+The gold choice is the one whose text equals ``targets[0]`` (whitespace stripped); its tokens are the
+target's, so it is not stored twice. Choices equal to any target are not wrong choices. An example
+has a usable choice set only with >= 2 choices, the gold among them and >= 1 wrong choice left;
+otherwise ``choice_lengths`` is empty and the example trains with the LM loss alone.
+
 Caching: ``datasets.map`` reuses ``cache-<fingerprint>.arrow`` next to the input's cache files. The
 fingerprint is computed here from (input fingerprint, tokenizer fingerprint, kind, format version)
 rather than from datasets' pickle-hash of the function, because hashing a tokenizer object is not stable
@@ -25,10 +37,17 @@ import json
 from pathlib import Path
 from typing import Any
 
+import datasets
+
 from train.errors import ConfigError, DataError
 
 MODEL_KINDS = ("encdec", "decoder", "prefix_lm")
-TOKENIZATION_VERSION = "1"  # bump when the output of _tokenize_batch changes for the same inputs
+_LIST = getattr(datasets, "List", datasets.Sequence)
+_TOKEN_FEATURES = {  # the columns this module adds
+    "input_ids": _LIST(datasets.Value("int32")), "target_ids": _LIST(datasets.Value("int64")),
+    "choice_ids": _LIST(datasets.Value("int64")), "choice_lengths": _LIST(datasets.Value("int64")),
+}
+TOKENIZATION_VERSION = "2"  # bump when the output of _tokenize_batch changes for the same inputs
 # settings of slow tokenizers that change encodings without changing the vocabulary
 _BEHAVIOUR_KWARGS = ("legacy", "add_prefix_space", "do_lower_case", "extra_ids", "clean_up_tokenization_spaces")
 
@@ -57,7 +76,8 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 
 def _tokenize_batch(batch: dict[str, list], *, tokenizer: Any, kind: str, eos_id: int) -> dict[str, list]:
-    """Batched ``datasets.map`` function: prompted columns -> ``input_ids``, ``target_ids``."""
+    """Batched ``datasets.map`` function: prompted columns -> ``input_ids``, ``target_ids``, ``choice_ids``,
+    ``choice_lengths``."""
     targets = []
     for i, target_list in enumerate(batch["targets"]):
         if not target_list:
@@ -69,7 +89,32 @@ def _tokenize_batch(batch: dict[str, list], *, tokenizer: Any, kind: str, eos_id
     outputs = tokenizer(targets, add_special_tokens=False)["input_ids"]
     if kind == "encdec":
         inputs = [ids + [eos_id] for ids in inputs]
-    return {"input_ids": inputs, "target_ids": [ids + [eos_id] for ids in outputs]}
+    out = {"input_ids": inputs, "target_ids": [ids + [eos_id] for ids in outputs]}
+    out.update(_tokenize_choices(batch, tokenizer=tokenizer, kind=kind, eos_id=eos_id))
+    return out
+
+
+def _wrong_choices(choices: list[str], targets: list[str]) -> list[str]:
+    """The wrong answer choices of an example, or [] when it has no usable choice set (see the module docstring)."""
+    if len(choices) < 2 or targets[0].strip() not in {c.strip() for c in choices}:
+        return []
+    gold = {t.strip() for t in targets}
+    return [c for c in choices if c.strip() not in gold]
+
+
+def _tokenize_choices(batch: dict[str, list], *, tokenizer: Any, kind: str, eos_id: int) -> dict[str, list]:
+    """``choice_ids`` (flat) and ``choice_lengths`` of every example's wrong choices, one tokenizer call."""
+    choice_lists = batch.get("answer_choices") or [[] for _ in batch["targets"]]
+    wrong = [_wrong_choices([str(c) for c in (choices or [])], [str(t) for t in target_list])
+             for choices, target_list in zip(choice_lists, batch["targets"])]
+    texts = [c if kind == "encdec" else " " + c for choices in wrong for c in choices]
+    tokens = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+    choice_ids, choice_lengths = [], []
+    for choices in wrong:
+        ids = [list(next(tokens)) + [eos_id] for _ in choices]
+        choice_ids.append([t for choice in ids for t in choice])
+        choice_lengths.append([len(choice) for choice in ids])
+    return {"choice_ids": choice_ids, "choice_lengths": choice_lengths}
 
 
 def tokenize_prompted(
@@ -81,7 +126,8 @@ def tokenize_prompted(
     cache_dir: str | Path | None = None,
     batch_size: int = 1000,
 ) -> Any:
-    """Add ``input_ids`` / ``target_ids`` to a prompted dataset (metadata columns are kept).
+    """Add ``input_ids`` / ``target_ids`` / ``choice_ids`` / ``choice_lengths`` to a prompted dataset (metadata
+    columns are kept).
 
     Args:
         dataset: a ``datasets.Dataset`` of prompted examples (``inputs: str``, ``targets: list[str]``, ...).
@@ -118,6 +164,9 @@ def tokenize_prompted(
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
         cache_file_name = str(Path(cache_dir) / f"tokenized-{fingerprint}.arrow")
     function = functools.partial(_tokenize_batch, tokenizer=tokenizer, kind=kind, eos_id=eos_id)
+    # Declared, not inferred: a batch whose examples all lack choices would infer list<null> for the
+    # choice columns and fail on the next batch. input_ids/target_ids get the types datasets infers.
+    features = datasets.Features({**dataset.features, **_TOKEN_FEATURES})
     return dataset.map(
         function,
         batched=True,
@@ -125,5 +174,6 @@ def tokenize_prompted(
         num_proc=num_proc,
         new_fingerprint=fingerprint,
         cache_file_name=cache_file_name,
+        features=features,
         desc=f"tokenize ({kind})",
     )

@@ -3,7 +3,8 @@
 The evaluator tokenizes the eval set once (:mod:`train.evaluation.items`); each call shards the items
 over ranks (:mod:`train.evaluation.distributed`), scores answer choices (:mod:`train.evaluation.scoring`)
 or generates (:mod:`train.evaluation.generation`), gathers every example exactly once and aggregates
-T0-style (:mod:`train.evaluation.results`).
+under the T0 or the T-Few protocol (:mod:`train.evaluation.results`). Rank-classification rows keep each
+example's correctness (``per_example``) so that ``mtf eval-merge`` can re-aggregate shards either way.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from train.evaluation.distributed import DistContext, is_zero3
 from train.evaluation.generation import generate_predictions
 from train.evaluation.items import build_eval_items
 from train.evaluation.metrics import generation_metrics
-from train.evaluation.results import aggregate, mean_or_none
+from train.evaluation.results import DEFAULT_PROTOCOL_SEEDS, aggregate, check_protocol, mean_or_none
 from train.evaluation.scoring import ChoiceScores, score_rank_items
 
 
@@ -37,9 +38,12 @@ class ZeroShotEvaluator:
         max_examples_per_template: keep only the first N examples of each (dataset, template).
         max_input_tokens: truncate long prompts (encdec keeps the first tokens + eos, decoder kinds keep
             the last ones, next to the answer). None = no truncation.
+        protocol: "t0" (median over templates) or "tfew" (median over ``protocol_seeds`` seeds of one random
+            template per example); see :func:`train.evaluation.results.aggregate`.
+        length_normalized: the length-normalised rank-classification accuracy is the headline score.
 
     Raises:
-        ConfigError: unknown kind, tokenizer without eos.
+        ConfigError: unknown kind, tokenizer without eos, unknown protocol or seeds < 1.
         DataError: an example lacks a required key, or no example at all can be evaluated.
     """
 
@@ -54,7 +58,12 @@ class ZeroShotEvaluator:
         languages: Mapping[str, str] | None = None,
         max_examples_per_template: int | None = None,
         max_input_tokens: int | None = None,
+        protocol: str = "t0",
+        protocol_seeds: int = DEFAULT_PROTOCOL_SEEDS,
+        length_normalized: bool = False,
     ):
+        check_protocol(protocol, protocol_seeds)
+        self.protocol, self.protocol_seeds, self.length_normalized = protocol, protocol_seeds, length_normalized
         items = build_eval_items(tokenizer, examples_by_task, kind=kind, metrics=metrics, clusters=clusters,
                                  languages=languages, max_examples_per_template=max_examples_per_template,
                                  max_input_tokens=max_input_tokens)
@@ -64,7 +73,7 @@ class ZeroShotEvaluator:
         pad = tokenizer.pad_token_id
         self.pad = int(pad) if pad is not None else self.eos
         self.rank_items, self.gen_items = items.rank_items, items.gen_items
-        self.groups, self.group_of = items.groups, items.group_of
+        self.groups, self.group_of, self.example_of = items.groups, items.group_of, items.example_of
         self.cluster_of, self.language_of = items.cluster_of, items.language_of
 
     def __call__(
@@ -91,6 +100,8 @@ class ZeroShotEvaluator:
         # Call the bare module: a DDP wrapper's forward would sync buffers (a collective) on every call,
         # which hangs when ranks run different numbers of batches. ZeRO-3 hooks live on the module itself.
         model = getattr(model, "module", model)
+        if hasattr(model, "get_base_model"):  # a peft model: its base carries the injected adapter layers
+            model = model.get_base_model()
         was_training = model.training
         model.eval()
         try:
@@ -138,20 +149,33 @@ class ZeroShotEvaluator:
                 "num_skipped": sum(g.skipped.values()),
             }
             if g.mode == "rank":
-                correct = [scores[i].argmax() in golds[i] for i in g.indices]
-                correct_ln = [scores[i].argmax(length_normalized=True) in golds[i] for i in g.indices]
+                correct = [int(scores[i].argmax() in golds[i]) for i in g.indices]
+                correct_ln = [int(scores[i].argmax(length_normalized=True) in golds[i]) for i in g.indices]
                 row.update(
                     metric="accuracy",
                     accuracy=mean_or_none(correct),
                     accuracy_length_normalized=mean_or_none(correct_ln),
                     chance=mean_or_none([1.0 / k for k in g.num_choices]),
+                    per_example=self._per_example(g.indices, correct, correct_ln),
                 )
             else:
                 values = generation_metrics([preds[i] for i in g.indices], [refs[i] for i in g.indices], g.metrics)
                 row.update(values, metric=g.metrics[0], chance=None)
             row["score"] = row.get(row["metric"])
             per_template[dataset][template] = row
-        return aggregate(per_template, self.cluster_of, self.language_of)
+        return aggregate(per_template, self.cluster_of, self.language_of, protocol=self.protocol,
+                         protocol_seeds=self.protocol_seeds, length_normalized=self.length_normalized)
+
+    def _per_example(self, indices: list[int], correct: list[int], correct_ln: list[int]) -> dict:
+        """``{task: {"ids": [example_index], "correct": [0|1], "correct_length_normalized": [0|1]}}``."""
+        out: dict[str, dict[str, list[int]]] = {}
+        for i, c, c_ln in zip(indices, correct, correct_ln):
+            task, example = self.example_of[i]
+            entry = out.setdefault(task, {"ids": [], "correct": [], "correct_length_normalized": []})
+            entry["ids"].append(example)
+            entry["correct"].append(c)
+            entry["correct_length_normalized"].append(c_ln)
+        return out
 
 
 def evaluate(
@@ -170,17 +194,22 @@ def evaluate(
     max_input_tokens: int | None = None,
     max_new_tokens: int = 64,
     num_beams: int = 1,
+    protocol: str = "t0",
+    protocol_seeds: int = DEFAULT_PROTOCOL_SEEDS,
+    length_normalized: bool = False,
 ) -> dict:
     """One-shot zero-shot evaluation (tokenize + score + aggregate). See :class:`ZeroShotEvaluator`.
 
     Returns:
-        ``{"templates": {dataset: {template: row}}, "datasets": {...}, "clusters": {...},
+        ``{"protocol": {...}, "templates": {dataset: {template: row}}, "datasets": {...}, "clusters": {...},
         "languages": {...}, "meta": {...}}``; each template row has n, skipped, accuracy and
-        accuracy_length_normalized (or generation metrics), chance and score.
+        accuracy_length_normalized (or generation metrics), chance, score and, for rank classification,
+        per_example.
     """
     evaluator = ZeroShotEvaluator(
         tokenizer, examples_by_task, kind=kind, metrics=metrics, clusters=clusters, languages=languages,
         max_examples_per_template=max_examples_per_template, max_input_tokens=max_input_tokens,
+        protocol=protocol, protocol_seeds=protocol_seeds, length_normalized=length_normalized,
     )
     return evaluator(
         model, accelerator=accelerator, batch_size=batch_size, max_tokens_per_batch=max_tokens_per_batch,

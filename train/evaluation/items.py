@@ -9,6 +9,10 @@ Tokens are laid out exactly as training produced them:
 Every example is validated before anything is tokenized, so a contract violation fails here and never
 midway through scoring. Examples that cannot be scored are counted per (dataset, template) under a
 skip reason and reported next to the scores.
+
+Each item also knows its example, ``(task, example_index)``: the same source row rendered by several
+templates, which the T-Few protocol (:mod:`train.evaluation.results`) needs. An example without an
+``example_index`` counts as the n-th example of its (dataset, template).
 """
 
 from __future__ import annotations
@@ -81,6 +85,7 @@ class EvalItems:
     gen_items: list[GenItem] = field(default_factory=list)
     groups: dict[tuple[str, str], EvalGroup] = field(default_factory=dict)
     group_of: dict[int, tuple[str, str]] = field(default_factory=dict)  # item index -> (dataset, template)
+    example_of: dict[int, tuple[str, int]] = field(default_factory=dict)  # item index -> (task, example_index)
     cluster_of: dict[str, str] = field(default_factory=dict)
     language_of: dict[str, str] = field(default_factory=dict)
 
@@ -165,7 +170,8 @@ def build_eval_items(
         group = out.groups.get(key)
         if group is None:
             group = out.groups[key] = EvalGroup(key[0], key[1], str(ex.get("task", f"{key[0]}/{key[1]}")))
-        if cap is not None and len(group.indices) + sum(group.skipped.values()) >= cap:
+        position = len(group.indices) + sum(group.skipped.values())  # examples of this pair before this one
+        if cap is not None and position >= cap:
             continue
         dataset = key[0]
         if dataset not in out.cluster_of:
@@ -199,6 +205,8 @@ def build_eval_items(
             out.gen_items.append(GenItem(index, encoder.prompt(str(ex["inputs"])), targets))
         group.indices.append(index)
         out.group_of[index] = key
+        example_index = ex.get("example_index")
+        out.example_of[index] = (str(ex.get("task", group.task)), int(position if example_index is None else example_index))
     if not out.group_of:
         detail = "; ".join(f"{d}/{t}: {dict(g.skipped)}" for (d, t), g in out.groups.items())
         raise DataError(

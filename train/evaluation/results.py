@@ -1,19 +1,44 @@
-"""Zero-shot results: T0-style aggregation, the results JSON and the printed table.
+"""Zero-shot results: aggregation under the T0 or the T-Few protocol, the results JSON and the printed table.
 
-Aggregation follows the T0 paper: per (dataset, template) accuracy or metric; per dataset the median
-(the headline number), mean, min and max over templates; per task cluster and per language the mean of
-the dataset medians. :mod:`train.evaluation.evaluator` produces the per-template rows; ``mtf eval-merge``
-re-runs :func:`aggregate` over the rows of several shards.
+Two protocols (``protocol``), both from the per-(dataset, template) rows that
+:mod:`train.evaluation.evaluator` produces:
+
+* ``t0`` (the T0 paper): per (dataset, template) accuracy or metric; per dataset the median (the headline
+  number), mean, min and max over templates.
+* ``tfew`` (the T-Few paper): per dataset and seed, every example is scored with ONE template drawn at
+  random among the rank-classification templates that rendered it, and the accuracy is taken over the
+  examples; the headline is the median over ``protocol_seeds`` seeds (mean, min and max over seeds
+  too). It needs each example's correctness, which rank-classification rows keep under ``per_example``
+  (``{task: {ids, correct, correct_length_normalized}}``; an example is ``(task, example_index)``).
+  Seed ``s`` draws ``numpy.random.Generator(PCG64(s)).integers(0, counts)`` over the dataset's examples
+  in sorted ``(task, example_index)`` order, ``counts`` being each example's number of templates (sorted
+  by name). Datasets with generation templates only have no T-Few score.
+
+With ``length_normalized`` the length-normalised rank-classification accuracy (T-Few's scoring) is every
+rank-classification template's score instead of the summed log-probability one (T0's). Per task cluster
+and per language: the mean of the dataset headlines. ``mtf eval-merge`` re-runs :func:`aggregate` over the
+rows of several shards. The results JSON names the protocol (``protocol``), and so does the table.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import statistics
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+from train.errors import ConfigError, DataError
+
+PROTOCOLS = ("t0", "tfew")
+DEFAULT_PROTOCOL_SEEDS = 5  # T-Few reports the median over 5 seeds
+_DESCRIPTIONS = {
+    "t0": "per dataset, the median over templates of each template's {score}",
+    "tfew": "per dataset, the median over {seeds} seeds of the {score} when each example is scored with one "
+            "template drawn at random",
+}
 
 
 def mean_or_none(values: Sequence) -> float | None:
@@ -33,27 +58,119 @@ def _summary(values: Sequence[float]) -> dict[str, float | None]:
     }
 
 
+def check_protocol(protocol: str, seeds: int) -> None:
+    """Raises ConfigError for an unknown protocol or fewer than one seed."""
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"unknown evaluation protocol {protocol!r}; valid: {', '.join(PROTOCOLS)} "
+                          "(t0: median over templates; tfew: median over seeds of one random template per example).")
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ConfigError(f"the number of protocol seeds must be an int >= 1, got {seeds!r}.")
+
+
+def describe_protocol(protocol: str, seeds: int, length_normalized: bool) -> dict:
+    """The ``protocol`` entry of a results document: name, seeds, scoring and a one-line description."""
+    score = "length-normalised accuracy" if length_normalized else "accuracy (or metric)"
+    return {"name": protocol, "seeds": seeds if protocol == "tfew" else None, "length_normalized": length_normalized,
+            "description": _DESCRIPTIONS[protocol].format(seeds=seeds, score=score)}
+
+
+def _with_score(row: Mapping, length_normalized: bool) -> dict:
+    """A copy of ``row`` whose "score" is its headline under the scoring option (rank rows: which accuracy)."""
+    out = dict(row)
+    if out.get("metric") == "accuracy" and "accuracy_length_normalized" in out:  # rank classification
+        out["score"] = out["accuracy_length_normalized"] if length_normalized else out.get("accuracy")
+    return out
+
+
+def tfew_choices(counts: Sequence[int], seed: int):
+    """(n,) template position chosen for each example: ``Generator(PCG64(seed)).integers(0, counts)``."""
+    import numpy as np
+
+    return np.random.Generator(np.random.PCG64(seed)).integers(0, np.asarray(counts, dtype=np.int64))
+
+
+def tfew_scores(rows: Mapping[str, Mapping], seeds: int, length_normalized: bool = False) -> dict | None:
+    """T-Few's score of one dataset from its template rows (see the module docstring).
+
+    Args:
+        rows: {template: row}; rows with ``per_example`` take part (rank classification).
+        seeds: seeds 0..seeds-1.
+        length_normalized: use ``correct_length_normalized``.
+
+    Returns:
+        {"seed_scores": [per seed], "num_examples", "num_templates"}, or None when no row has per_example.
+
+    Raises:
+        DataError: a row's per_example lists differ in length.
+    """
+    key = "correct_length_normalized" if length_normalized else "correct"
+    table: dict[tuple[str, int], dict[str, int]] = defaultdict(dict)  # (task, example_index) -> template -> 0|1
+    templates = set()
+    for template, row in rows.items():
+        for task, entry in (row.get("per_example") or {}).items():
+            if len(entry["ids"]) != len(entry[key]):
+                raise DataError(f"template {template!r}, task {task!r}: per_example ids and {key} differ in length; "
+                                "the results file is damaged (re-evaluate that template).")
+            templates.add(template)
+            for example, correct in zip(entry["ids"], entry[key]):
+                table[(str(task), int(example))][template] = int(correct)
+    if not table:
+        return None
+    examples = sorted(table)
+    options = [[table[e][t] for t in sorted(table[e])] for e in examples]  # correctness per template, by name
+    counts = [len(o) for o in options]
+    seed_scores = []
+    for seed in range(seeds):
+        picks = tfew_choices(counts, seed)
+        seed_scores.append(sum(o[int(p)] for o, p in zip(options, picks)) / len(options))
+    return {"seed_scores": seed_scores, "num_examples": len(examples), "num_templates": len(templates)}
+
+
 def aggregate(
     per_template: Mapping[str, Mapping[str, Mapping]],
     cluster_of: Mapping[str, str] | None = None,
     language_of: Mapping[str, str] | None = None,
+    *,
+    protocol: str = "t0",
+    protocol_seeds: int = DEFAULT_PROTOCOL_SEEDS,
+    length_normalized: bool = False,
 ) -> dict:
-    """T0-style aggregation of per-template rows.
+    """Aggregate per-template rows under the T0 or T-Few protocol (see the module docstring).
 
     Args:
-        per_template: {dataset: {template: row}}; a row has "score" (its primary metric, None when
-            nothing was scored) and optionally "accuracy_length_normalized".
+        per_template: {dataset: {template: row}}; a row has "metric", "score" (its primary metric, None when
+            nothing was scored), optionally "accuracy", "accuracy_length_normalized" and "per_example".
         cluster_of / language_of: dataset -> cluster / language.
+        protocol: "t0" or "tfew"; protocol_seeds: T-Few's seeds 0..N-1.
+        length_normalized: rank-classification rows score with their length-normalised accuracy.
 
     Returns:
-        {"templates": per_template, "datasets": {dataset: {median, mean, min, max, num_templates,
-        length_normalized: {...}, cluster, language}}, "clusters": {c: {mean, median, datasets}},
-        "languages": {l: {...}}}; cluster and language values average the dataset medians.
+        {"protocol": {name, seeds, length_normalized, description}, "templates": per_template (each row's
+        "score" set by ``length_normalized``), "datasets": {dataset: {median, mean, min, max, num_templates,
+        protocol, length_normalized: {...}, cluster, language; tfew adds num_seeds, seed_scores,
+        num_examples and t0_median}}, "clusters": {c: {mean, median, datasets}}, "languages": {l: {...}}};
+        cluster and language values average the dataset medians.
+
+    Raises:
+        ConfigError: an unknown protocol or seeds < 1.
     """
+    check_protocol(protocol, protocol_seeds)
     cluster_of, language_of = dict(cluster_of or {}), dict(language_of or {})
+    per_template = {d: {t: _with_score(r, length_normalized) for t, r in rows.items()}
+                    for d, rows in per_template.items()}
     datasets: dict[str, dict] = {}
     for dataset, rows in per_template.items():
         summary = _summary([r.get("score") for r in rows.values()])
+        if protocol == "tfew":
+            tfew = tfew_scores(rows, protocol_seeds, length_normalized)
+            t0_median, num_templates = summary["median"], summary["num_templates"]
+            summary = _summary(tfew["seed_scores"] if tfew else [])
+            summary.update(num_templates=tfew["num_templates"] if tfew else 0, num_seeds=protocol_seeds,
+                           seed_scores=tfew["seed_scores"] if tfew else [],
+                           num_examples=tfew["num_examples"] if tfew else 0, t0_median=t0_median)
+            if tfew is None and num_templates:
+                summary["note"] = "no T-Few score: no rank-classification template (tfew needs per-example accuracy)"
+        summary["protocol"] = protocol
         ln = [r.get("accuracy_length_normalized") for r in rows.values()]
         if any(v is not None for v in ln):
             summary["length_normalized"] = _summary(ln)
@@ -76,7 +193,8 @@ def aggregate(
         }
 
     return {
-        "templates": {d: dict(rows) for d, rows in per_template.items()},
+        "protocol": describe_protocol(protocol, protocol_seeds, length_normalized),
+        "templates": per_template,
         "datasets": datasets,
         "clusters": by("cluster"),
         "languages": by("language"),
@@ -92,8 +210,8 @@ def flatten_for_logging(results: Mapping) -> dict[str, float]:
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("score",):
                     flat[f"eval/{dataset}/{template}/{key}"] = float(value)
     for dataset, s in results["datasets"].items():
-        for key in ("median", "mean", "min", "max"):
-            if s[key] is not None:
+        for key in ("median", "mean", "min", "max", "t0_median"):
+            if s.get(key) is not None:
                 flat[f"eval/{dataset}/{key}"] = float(s[key])
         if "length_normalized" in s and s["length_normalized"]["median"] is not None:
             flat[f"eval/{dataset}/length_normalized_median"] = float(s["length_normalized"]["median"])
@@ -103,12 +221,23 @@ def flatten_for_logging(results: Mapping) -> dict[str, float]:
     return flat
 
 
+# A JSON array of scalars as json.dumps(indent=2) lays it out: one element per line. JSON strings cannot hold
+# a raw newline, so "[" + newline and newline + "]" only occur as structure.
+_SCALAR_ARRAY = re.compile(r"\[\n\s+([^\[\]{}\n]*(?:,\n\s+[^\[\]{}\n]*)*)\n\s*\]")
+
+
+def dumps_results(results: Mapping) -> str:
+    """Indented JSON with arrays of scalars on one line (``per_example`` lists stay one line each)."""
+    text = json.dumps(results, indent=2, sort_keys=True)
+    return _SCALAR_ARRAY.sub(lambda m: "[" + re.sub(r",\n\s+", ", ", m.group(1)) + "]", text)
+
+
 def write_results(path: str | os.PathLike, results: Mapping) -> Path:
     """Write one evaluation's results as JSON (atomically: temp file then rename). Returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    tmp.write_text(dumps_results(results) + "\n")
     os.replace(tmp, path)
     return path
 
@@ -143,14 +272,23 @@ def format_results_table(results: Mapping) -> str:
     for dataset in sorted(results["datasets"]):
         s = results["datasets"][dataset]
         ln = s.get("length_normalized", {}).get("median")
+        if s.get("protocol") == "tfew":
+            over = f"tfew: median over {s['num_seeds']} seeds"
+            extra = f"  t0 median {_fmt(s.get('t0_median'))}  ({s['num_templates']} templates, {s['num_examples']} ex)"
+        else:
+            over, extra = f"median over {s['num_templates']} templates", f"  len-norm median {_fmt(ln)}"
         lines.append(
-            f"{dataset[:28]:<28} {'median over ' + str(s['num_templates']) + ' templates':<36} "
+            f"{dataset[:28]:<28} {over:<36} "
             f"min {_fmt(s['min'])} mean {_fmt(s['mean'])} max {_fmt(s['max'])}  median {_fmt(s['median'])}"
-            f"  len-norm median {_fmt(ln)}  [{s['cluster']}, {s['language']}]"
+            f"{extra}  [{s['cluster']}, {s['language']}]" + (f"  ({s['note']})" if s.get("note") else "")
         )
     for section in ("clusters", "languages"):
         for name, s in results.get(section, {}).items():
             lines.append(
                 f"{section[:-1]} {name}: mean of dataset medians {_fmt(s['mean'])} ({len(s['datasets'])} datasets)"
             )
+    protocol = results.get("protocol") or describe_protocol("t0", DEFAULT_PROTOCOL_SEEDS, False)  # older files
+    scoring = "mean token log-probability (length-normalised)" if protocol.get("length_normalized") else \
+        "summed log-probability"
+    lines.append(f"protocol {protocol['name']}: {protocol['description']}; score = rank classification by {scoring}")
     return "\n".join(lines)

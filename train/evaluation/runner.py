@@ -4,6 +4,9 @@ Slurm job array.
 What it evaluates (``MODEL``):
 
 * a Hugging Face model directory (``config.json`` + weights), e.g. ``runs/demo/final`` or a hub name;
+* a peft adapter directory (``adapter_config.json``, e.g. an adapter run's ``final/``): its base model
+  (``--base-model``, else the export's ``base/``, else the name in ``adapter_config.json``) is loaded and
+  the adapter merged into it;
 * a run directory: its ``final/`` export;
 * a run's checkpoint (``runs/demo/checkpoints/step-00000040``): the model is rebuilt from the run's
   ``config.yaml`` and loaded from the checkpoint's weights (DDP/single-process checkpoints; for a
@@ -21,6 +24,10 @@ A shard renders only the tasks that hold its pairs and keeps their rows in the w
 ``max_examples_per_template`` picks the same examples as an unsharded run. The result records
 ``meta.shard = {"index", "count", "pairs"}``; :func:`merge_results` (``mtf eval-merge``) re-aggregates the
 shards' template rows into the document one unsharded run writes, and checks that every pair is there.
+
+Protocol (``--protocol t0|tfew``, ``--protocol-seeds N``, ``--length-normalized``): how per-template rows
+become per-dataset numbers, see :mod:`train.evaluation.results`. Rank-classification rows keep each
+example's correctness, so the protocol of a merge is free: by default the shards' own, else the flags'.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from train.errors import ConfigError, DataError
+from train.evaluation.results import DEFAULT_PROTOCOL_SEEDS
 from train.modeling.models import check_local_weights
 
 Pair = tuple[str, str]  # (dataset, template)
@@ -132,7 +140,8 @@ def load_examples(mixture: str, pairs: Optional[list[Pair]] = None) -> tuple[lis
 # ------------------------------------------------------------------------------------------ models
 
 
-_LOOKED_FOR = ("config.json (a Hugging Face model directory), final/config.json (a run directory's export), "
+_LOOKED_FOR = ("config.json (a Hugging Face model directory), adapter_config.json (a peft adapter), "
+               "final/config.json or final/adapter_config.json (a run directory's export), "
                "or trainer_state.json + accelerate/model*.safetensors (a run checkpoint)")
 
 
@@ -145,17 +154,20 @@ def resolve_model_path(model: str) -> Path:
         ConfigError: an existing path that holds no model (the message lists what it looked for).
     """
     path = Path(model)
-    if path.is_dir() and not (path / "config.json").exists() and (path / "final" / "config.json").exists():
+    markers = ("config.json", "adapter_config.json", "trainer_state.json")
+    if path.is_dir() and not any((path / m).exists() for m in markers) \
+            and any((path / "final" / m).exists() for m in markers[:2]):
         return path / "final"  # a run directory: its export
-    if path.exists() and not (path.is_dir() and ((path / "config.json").exists()
-                                                  or (path / "trainer_state.json").exists())):
+    if path.exists() and not (path.is_dir() and any((path / m).exists() for m in markers)):
         raise ConfigError(f"{model}: no model found; looked for {_LOOKED_FOR}. Pass e.g. runs/demo/final or "
                           "runs/demo/checkpoints/step-00000040.")
     return path
 
 
-def load_model_for_eval(model: str, kind: str = "auto", tokenizer: Optional[str] = None) -> tuple[Any, Any, str]:
-    """(model, tokenizer, kind) from an HF directory / hub name, a run directory, or a run checkpoint.
+def load_model_for_eval(model: str, kind: str = "auto", tokenizer: Optional[str] = None,
+                        base_model: Optional[str] = None) -> tuple[Any, Any, str]:
+    """(model, tokenizer, kind) from an HF directory / hub name, a peft adapter directory, a run directory,
+    or a run checkpoint. ``base_model`` names an adapter's base when its export does not.
 
     Raises:
         ConfigError: the path holds no model (the message lists what it looked for).
@@ -165,6 +177,8 @@ def load_model_for_eval(model: str, kind: str = "auto", tokenizer: Optional[str]
     path = resolve_model_path(model)
     if (path / "trainer_state.json").exists():
         return _load_from_checkpoint(path, kind, tokenizer)
+    if (path / "adapter_config.json").exists():
+        return _load_adapter(path, kind, tokenizer, base_model)
     try:
         config = AutoConfig.from_pretrained(str(path))
     except (OSError, ValueError) as err:
@@ -191,6 +205,25 @@ def load_model_for_eval(model: str, kind: str = "auto", tokenizer: Optional[str]
     return loaded, tok, resolved
 
 
+def _load_adapter(path: Path, kind: str, tokenizer: Optional[str], base_model: Optional[str]) -> tuple[Any, Any, str]:
+    from transformers import AutoTokenizer
+
+    from train.modeling.adapters import load_adapter_for_eval
+
+    model, base = load_adapter_for_eval(path, base_model, kind)
+    is_encdec = bool(getattr(model.config, "is_encoder_decoder", False))
+    resolved = ("encdec" if is_encdec else "decoder") if kind == "auto" else kind
+    source = tokenizer or (str(path) if (path / "tokenizer_config.json").exists() else base)
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{path}: no tokenizer could be loaded from {source} ({str(err).splitlines()[0]}). "
+                          "Pass one with --tokenizer.") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return model, tok, resolved
+
+
 def _load_from_checkpoint(path: Path, kind: str, tokenizer: Optional[str]) -> tuple[Any, Any, str]:
     from safetensors.torch import load_file
 
@@ -209,6 +242,8 @@ def _load_from_checkpoint(path: Path, kind: str, tokenizer: Optional[str]) -> tu
     model_config = load_model_config(cfg.model)
     resolved = infer_kind(cfg.model, model_config) if kind == "auto" else kind
     cfg.model.gradient_checkpointing = False
+    if cfg.peft.method != "none":  # an adapter checkpoint holds the adapter only: rebuild the base, then load it
+        return _load_adapter_checkpoint(cfg, model_config, resolved, weights, tokenizer)
     model = build_model(cfg.model, model_config, resolved)
     state = {}
     for file in weights:
@@ -226,6 +261,29 @@ def _load_from_checkpoint(path: Path, kind: str, tokenizer: Optional[str]) -> tu
         model.tie_weights()
     cfg.model.tokenizer = tokenizer or cfg.model.tokenizer
     return model, load_tokenizer(cfg.model), resolved
+
+
+def _load_adapter_checkpoint(cfg: Any, model_config: Any, kind: str, weights: list[Path],
+                             tokenizer: Optional[str]) -> tuple[Any, Any, str]:
+    from safetensors.torch import load_file
+
+    from train.modeling.adapters import build_run_model
+    from train.modeling.models import load_tokenizer
+
+    model = build_run_model(cfg, model_config, kind)
+    state = {}
+    for file in weights:
+        try:
+            state.update(load_file(str(file)))
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+            raise ConfigError(f"{file} is damaged ({err}); evaluate an earlier checkpoint or the run's final/ export.") from None
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if set(state) != trainable:
+        raise ConfigError(f"{weights[0].parent}: the checkpoint does not hold this run's adapter "
+                          f"(missing {sorted(trainable - set(state))[:3]}, unexpected {sorted(set(state) - trainable)[:3]}).")
+    model.load_state_dict(state, strict=False)
+    cfg.model.tokenizer = tokenizer or cfg.model.tokenizer
+    return model.merge_and_unload(), load_tokenizer(cfg.model), kind
 
 
 def _restore_tied(model: Any, state: dict) -> None:
@@ -250,8 +308,12 @@ def _restore_tied(model: Any, state: dict) -> None:
 
 def run_eval_command(*, model_dir: str, mixture: str, kind: str = "auto", tokenizer: Optional[str] = None,
                      batch_size: int = 16, max_examples_per_template: Optional[int] = None,
-                     output: Optional[str] = None, shard: Optional[str] = None) -> Optional[dict]:
+                     output: Optional[str] = None, shard: Optional[str] = None,
+                     base_model: Optional[str] = None, protocol: str = "t0",
+                     protocol_seeds: int = DEFAULT_PROTOCOL_SEEDS, length_normalized: bool = False) -> Optional[dict]:
     """Evaluate ``model_dir`` on ``mixture`` (or on shard ``"I/N"`` of its pairs).
+
+    ``protocol``, ``protocol_seeds``, ``length_normalized``: see :func:`train.evaluation.results.aggregate`.
 
     Returns:
         The results (see :func:`train.evaluation.results.aggregate`) with ``meta.model``, ``meta.mixture`` and
@@ -259,16 +321,18 @@ def run_eval_command(*, model_dir: str, mixture: str, kind: str = "auto", tokeni
         main process; None on the others. Written to ``output`` when given.
 
     Raises:
-        ConfigError: a bad ``--shard``, a path without a model, a mixture that does not load.
+        ConfigError: a bad ``--shard``, a path without a model, a mixture that does not load, an unknown
+            protocol.
         DataError: the mixture (or the shard) yields no example.
     """
     import torch
     from accelerate import Accelerator
 
-    from train.evaluation.results import write_results
+    from train.evaluation.results import check_protocol, write_results
     from train.evaluation import evaluate
 
-    # Check the shard and the model path before rendering anything: a wrong array fails in seconds.
+    # Check the protocol, shard and model path before rendering anything: a wrong array fails in seconds.
+    check_protocol(protocol, protocol_seeds)
     shard_meta = None
     pairs = None
     if shard:
@@ -279,10 +343,11 @@ def run_eval_command(*, model_dir: str, mixture: str, kind: str = "auto", tokeni
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     with accelerator.main_process_first():
         examples, clusters, languages = load_examples(mixture, pairs)
-    model, tok, resolved = load_model_for_eval(model_dir, kind, tokenizer)
+    model, tok, resolved = load_model_for_eval(model_dir, kind, tokenizer, base_model)
     model.to(accelerator.device)
     results = evaluate(model, tok, examples, kind=resolved, batch_size=batch_size, accelerator=accelerator,
-                       max_examples_per_template=max_examples_per_template, clusters=clusters, languages=languages)
+                       max_examples_per_template=max_examples_per_template, clusters=clusters, languages=languages,
+                       protocol=protocol, protocol_seeds=protocol_seeds, length_normalized=length_normalized)
     results.setdefault("meta", {}).update({"model": str(model_dir), "mixture": str(mixture), "shard": shard_meta})
     if not accelerator.is_main_process:
         return None
@@ -365,7 +430,32 @@ def _check_complete(owner: dict[Pair, str], shard_file: dict[int, str], count: O
     return expected
 
 
-def merge_results(paths: list[str], mixture: Optional[str] = None) -> dict:
+def _merge_protocol(paths: list[str], docs: list[dict], protocol: Optional[str], protocol_seeds: Optional[int],
+                    length_normalized: Optional[bool]) -> tuple[str, int, bool]:
+    """The merge's protocol: each setting given (not None) wins, else the one all shards agree on, else T0's default.
+
+    Raises:
+        DataError: a setting is not given and the shards disagree on it (each file's value is named).
+    """
+    given = {"name": protocol, "seeds": protocol_seeds, "length_normalized": length_normalized}
+    defaults = {"name": "t0", "seeds": DEFAULT_PROTOCOL_SEEDS, "length_normalized": False}
+    flags = {"name": "--protocol", "seeds": "--protocol-seeds", "length_normalized": "--length-normalized"}
+    out = {}
+    for key, value in given.items():
+        if value is None:
+            seen = {path: (doc.get("protocol") or {}).get(key) for path, doc in zip(paths, docs)}
+            values = {v for v in seen.values() if v is not None}
+            if len(values) > 1:
+                listed = ", ".join(f"{p}: {v}" for p, v in seen.items())
+                raise DataError(f"the shard results were aggregated with different protocol settings ({key}: {listed}); "
+                                f"pass {flags[key]} to choose one for the merge.")
+            value = values.pop() if values else defaults[key]
+        out[key] = value
+    return out["name"], out["seeds"] or DEFAULT_PROTOCOL_SEEDS, bool(out["length_normalized"])
+
+
+def merge_results(paths: list[str], mixture: Optional[str] = None, *, protocol: Optional[str] = None,
+                  protocol_seeds: Optional[int] = None, length_normalized: Optional[bool] = None) -> dict:
     """Combine shard result files (``mtf eval --shard``) into the document one unsharded ``mtf eval`` writes.
 
     Template rows are re-aggregated with :func:`train.evaluation.results.aggregate` (per-dataset medians, cluster
@@ -376,6 +466,7 @@ def merge_results(paths: list[str], mixture: Optional[str] = None) -> dict:
         mixture: the eval mixture; when given, every (dataset, template) pair of it must be present and no
             other. Without it, completeness is checked from the shards' ``meta.shard`` (every index
             ``0..count-1`` present).
+        protocol, protocol_seeds, length_normalized: how to aggregate; None = what the shards used.
 
     Returns:
         ``{"templates", "datasets", "clusters", "languages", "meta"}``; ``meta.merged_from`` lists ``paths``.
@@ -384,7 +475,8 @@ def merge_results(paths: list[str], mixture: Optional[str] = None) -> dict:
         ConfigError: a file does not exist, or no file is given.
         DataError: a file is not a result; a pair or a shard index appears twice; shards of arrays of
             different sizes; a pair (or shard) is missing (the message names the pairs and the array
-            indices to rerun) or does not belong to ``mixture``.
+            indices to rerun) or does not belong to ``mixture``; shards aggregated with different protocol
+            settings and no setting given.
     """
     from train.evaluation.results import aggregate
 
@@ -437,6 +529,7 @@ def merge_results(paths: list[str], mixture: Optional[str] = None) -> dict:
             if t in per_template.get(d, {}):
                 ordered.setdefault(d, {})[t] = per_template[d][t]
         per_template = ordered
-    merged = aggregate(per_template, cluster_of, language_of)
+    name, seeds, ln = _merge_protocol(paths, docs, protocol, protocol_seeds, length_normalized)
+    merged = aggregate(per_template, cluster_of, language_of, protocol=name, protocol_seeds=seeds, length_normalized=ln)
     merged["meta"] = _merged_meta(paths, docs)
     return merged

@@ -203,14 +203,19 @@ def config_changes(saved: dict, now: dict, allowed: list[str] | tuple[str, ...] 
     """
     if "*" in allowed:
         return []
+    from train.config import Config, to_dict
+
     free = tuple(RESUME_MAY_CHANGE) + tuple(allowed)
     flat_saved, flat_now = _flatten(saved), _flatten(now)
+    # A key the checkpoint's version did not have yet (e.g. `peft`, `trainer.loss_weights`) had its default.
+    defaults = _flatten(to_dict(Config()))
     out = []
     for key in sorted(set(flat_saved) | set(flat_now)):
         if any(key == k or key.startswith(f"{k}.") for k in free):
             continue
-        if flat_saved.get(key, "<absent>") != flat_now.get(key, "<absent>"):
-            out.append(f"{key}: {flat_saved.get(key, '<absent>')!r} -> {flat_now.get(key, '<absent>')!r}")
+        before = flat_saved.get(key, defaults.get(key, "<absent>"))
+        if before != flat_now.get(key, "<absent>"):
+            out.append(f"{key}: {before!r} -> {flat_now.get(key, '<absent>')!r}")
     return out
 
 
@@ -251,7 +256,7 @@ def _save_checkpoint(accelerator: Any, output_dir: str | Path, step: int, state:
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp / "accelerate"))
+    accelerator.save_state(str(tmp / "accelerate"), **_deepspeed_kwargs(accelerator, save=True))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with open(tmp / STATE_FILE, "w", encoding="utf-8") as fh:
@@ -284,7 +289,22 @@ def load_checkpoint(accelerator: Any, path: Path, *, trust: bool = False) -> Non
     Call :func:`verify_checkpoint` first; ``trust`` lets accelerate unpickle the optimizer state freely.
     """
     kwargs = {"load_kwargs": {"weights_only": False}} if trust else {}
-    accelerator.load_state(str(path / "accelerate"), **kwargs)
+    accelerator.load_state(str(path / "accelerate"), **kwargs, **_deepspeed_kwargs(accelerator, save=False))
+
+
+def _deepspeed_kwargs(accelerator: Any, *, save: bool) -> dict:
+    """DeepSpeed engines of an adapter run (frozen base) save and load the trainable parameters only.
+
+    Without DeepSpeed the trainer's accelerate hooks do the same (trainer.adapter_checkpoint_hooks).
+    """
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return {}
+    frozen = any(not p.requires_grad for m in accelerator._models for p in m.parameters())
+    if not frozen:
+        return {}
+    return {"exclude_frozen_parameters": True} if save else {"load_module_strict": False}
 
 
 def export_model(accelerator: Any, model: Any, tokenizer: Any, out_dir: str | Path) -> Path:

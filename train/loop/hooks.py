@@ -39,12 +39,14 @@ class TrainContext:
     step_metrics: dict = field(default_factory=dict)  # packing stats etc. of the last step
     task_counts: Counter = field(default_factory=Counter)  # examples trained on per task, all ranks
     task_tokens: Counter = field(default_factory=Counter)  # real tokens (input + target) trained on per task
+    examples_with_choices: int = 0  # examples trained with a usable answer-choice set (T-Few's choice losses)
     trainer_state: Any = None  # callable returning the resumable state dict (stream, packer, counters)
     stop_reason: Optional[str] = None  # "preempted" | "max_time" when the run must stop after this step
     eval_results: Optional[dict] = None
     best_metric_value: Optional[float] = None
     checkpoint_seconds: list = field(default_factory=list)
     flops_per_token: float = 0.0
+    export: Any = None  # callable(out_dir): the model in its export format (full HF model, or peft adapter)
 
 
 class LoggingHook:
@@ -222,7 +224,9 @@ class EvalHook:
             examples, clusters, languages = self.eval_set
             self.evaluators[cap] = ZeroShotEvaluator(ctx.tokenizer, examples, kind=ctx.kind, metrics=None, clusters=clusters,
                                                      languages=languages, max_examples_per_template=cap,
-                                                     max_input_tokens=None)
+                                                     max_input_tokens=None, protocol=self.cfg.protocol,
+                                                     protocol_seeds=self.cfg.protocol_seeds,
+                                                     length_normalized=self.cfg.length_normalized)
         return self.evaluators[cap]
 
     def run(self, ctx: TrainContext, final: bool) -> Optional[dict]:
@@ -254,7 +258,11 @@ class EvalHook:
             return
         if ctx.best_metric_value is None or value > ctx.best_metric_value:
             ctx.best_metric_value = value
-            checkpointing.export_model(ctx.accelerator, ctx.model, ctx.tokenizer, Path(ctx.cfg.run.output_dir) / "best")
+            best = Path(ctx.cfg.run.output_dir) / "best"
+            if ctx.export is not None:
+                ctx.export(best)
+            else:
+                checkpointing.export_model(ctx.accelerator, ctx.model, ctx.tokenizer, best)
 
     def on_step_end(self, ctx: TrainContext) -> None:
         every = self.cfg.every_steps

@@ -16,6 +16,8 @@ import math
 import os
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -26,9 +28,10 @@ from train.errors import CheckpointError, ConfigError, TrainingError
 from train.loop import checkpointing
 from train.loop.rundir import RunLock, RunRecord, check_run_dir
 from train.loop.hooks import CheckpointHook, EvalHook, LoggingHook, PreemptionHook, TrainContext
-from train.modeling import losses
-from train.modeling.features import collate, model_forward
-from train.modeling.models import ModelInfo, build_model, load_model_config, load_tokenizer, model_info
+from train.modeling import adapters, losses
+from train.data.packing import count_choice_sets
+from train.modeling.features import check_choice_support, collate, model_forward
+from train.modeling.models import ModelInfo, load_model_config, load_tokenizer, model_info
 
 T5_FAMILY = ("t5", "mt5", "umt5", "longt5", "switch_transformers")  # overflow in fp16
 
@@ -107,6 +110,10 @@ def make_accelerator(cfg: Config, plan: BatchPlan) -> Any:
     if handlers:
         kwargs["kwargs_handlers"] = handlers
     accelerator = Accelerator(**kwargs)
+    if cfg.trainer.deepspeed and cfg.optim.name == "adafactor":
+        accelerator.print("[mtf] note: under DeepSpeed ZeRO, Adafactor updates flat parameter partitions, not the "
+                          "parameter tensors (no factored second moments, update RMS per partition): the run is not "
+                          "the same optimizer as without DeepSpeed (as in t-few and t-zero). AdamW has no such difference.")
     if cfg.trainer.deepspeed:
         ds = accelerator.state.deepspeed_plugin.deepspeed_config
         ds["train_micro_batch_size_per_gpu"] = plan.micro_batch_size
@@ -163,15 +170,20 @@ def train(cfg: Config) -> dict:
     # before any heavy work). The lock is held until train() returns or raises.
     with setup_run(cfg) as run:
         plan, accelerator, kind = run.plan, run.accelerator, run.info.kind
+        check_choice_support(run.info.model_type, choices=cfg.trainer.loss_weights.choice_losses())  # BLOOM: refused
         # ---- data: mixture stream -> packer (global, identical on every rank)
         stream, packer, eval_set = pipeline.build_training_data(cfg, run.tokenizer, kind, accelerator)
         # ---- model and optimizer; the LR is a pure function of the step (see set_lr)
-        model, optimizer = prepare_model(cfg, run)
+        model, optimizer, (trainable, total) = prepare_model(cfg, run)
+        accelerator.print(f"[mtf] {plan.describe()}; model kind {kind}; device {accelerator.device}; "
+                          f"parameters: {trainable:,} trainable / {total:,} total ({100.0 * trainable / total:.3g}%)"
+                          + (f", {cfg.peft.method} adapter" if cfg.peft.method != "none" else ""))
         lr_at = lr_lambda(cfg)
         ctx = TrainContext(cfg=cfg, accelerator=accelerator, model=model, tokenizer=run.tokenizer, kind=kind)
-        ctx.flops_per_token = 6.0 * sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
+        ctx.flops_per_token = 6.0 * total  # frozen weights still cost their forward and input-gradient FLOPs
         resume(cfg, ctx, stream, packer, run.output_dir)
         ctx.trainer_state = lambda: trainer_state(cfg, ctx, stream, packer)
+        ctx.export = lambda out: export(cfg, run, model, Path(out))
         run.record = start_record(cfg, run, ctx, stream)
 
         preemption = PreemptionHook(ctx)
@@ -180,6 +192,7 @@ def train(cfg: Config) -> dict:
         # Order matters at the end: eval before the final checkpoint (best_metric), logging closes last.
         hooks = [eval_hook, CheckpointHook(ctx), preemption, logging_hook]
         mode = cfg.trainer.loss_normalization
+        weights = losses.active_weights(cfg.trainer.loss_weights)  # {"lm": 1.0} unless T-Few's losses are on
 
         # ---- the loop
         start_step, start_tokens = ctx.step, ctx.tokens_seen
@@ -190,9 +203,9 @@ def train(cfg: Config) -> dict:
             rows = [packer.next_row(stream) for _ in range(plan.global_rows)]  # (global_rows,) identical on all ranks
             announce = ctx.step + 1 if ctx.step == start_step else None  # the first step prints each rank's rows
             micro_batches = rank_micro_batches(cfg, run, rows, announce_step=announce)
-            denominator = global_denominator(micro_batches, mode, plan, accelerator)
+            denominators = global_denominators(micro_batches, mode, weights, plan, accelerator)
             ctx.lr = set_lr(optimizer, cfg.optim.lr * lr_at(ctx.step))
-            numerator_sum = torch.zeros((), device=accelerator.device)
+            numerator_sums = torch.zeros(len(weights), device=accelerator.device)  # (losses,) in weights' order
             # accelerate syncs and steps when its micro-batch counter hits a multiple of grad_accum. A step
             # always runs exactly grad_accum micro-batches, so start each one at 0: a counter restored from a
             # checkpoint written with another accumulation (another rank count) would otherwise step mid-batch.
@@ -203,27 +216,28 @@ def train(cfg: Config) -> dict:
                 with accelerator.accumulate(model):
                     with accelerator.autocast():
                         logits = model_forward(model, batch, kind)
-                    numerator = losses.local_numerator(losses.token_nll(logits, batch["labels"]), batch, mode)
+                    numerators = losses.local_numerators(logits, batch, mode, weights)
                     # accelerate (and DeepSpeed) divide by grad_accum and DDP averages over ranks: undo both,
-                    # so the summed gradient is exactly d(global numerator / global denominator).
-                    loss = losses.scaled_loss(numerator, denominator, mode=mode, world_size=plan.world_size)
+                    # so the summed gradient is exactly d(sum_k weight_k * global numerator_k / global denominator_k).
+                    loss = losses.weighted_loss(numerators, denominators, weights, mode=mode, world_size=plan.world_size)
                     accelerator.backward(loss * plan.grad_accum)
-                    numerator_sum += numerator.detach()
+                    numerator_sums += torch.stack([n.detach() for n in numerators.values()])
                     if accelerator.sync_gradients and cfg.optim.clip_grad_norm and not cfg.trainer.deepspeed:
                         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
             if cfg.trainer.deepspeed and hasattr(model, "get_global_grad_norm"):
                 grad_norm = model.get_global_grad_norm()  # DeepSpeed clips inside its step and keeps the norm
-            step_loss = accelerator.reduce(numerator_sum, reduction="sum") if plan.world_size > 1 else numerator_sum
-            ctx.last_loss = float(step_loss) / denominator if mode != "sum" and denominator > 0 else float(step_loss)
+            step_sums = accelerator.reduce(numerator_sums, reduction="sum") if plan.world_size > 1 else numerator_sums
+            components = losses.step_losses(dict(zip(weights, step_sums.tolist())), denominators, mode)
+            ctx.last_loss = sum(weights[k] * v for k, v in components.items() if v is not None)  # the weighted total
             if cfg.trainer.nan_guard and not math.isfinite(ctx.last_loss):
                 logging_hook.log({"train/loss_last": ctx.last_loss}, ctx.step + 1)
                 raise TrainingError(
                     f"non-finite loss ({ctx.last_loss}) at step {ctx.step + 1}; stopped without saving this step. "
                     f"The last good checkpoint under {checkpointing.checkpoint_dir(run.output_dir)} is intact. "
                     "Lower `optim.lr`, use `trainer.precision=bf16` or fp32 (not fp16 for T5), or check the data.")
-            record_step(cfg, ctx, rows, packer, grad_norm, time.perf_counter() - step_start)
+            record_step(cfg, ctx, rows, packer, grad_norm, time.perf_counter() - step_start, components)
             preemption.check(ctx)
             for hook in hooks:
                 hook.on_step_end(ctx)
@@ -233,13 +247,14 @@ def train(cfg: Config) -> dict:
         for hook in hooks:
             hook.on_train_end(ctx)
         if cfg.checkpoint.export_final and ctx.stop_reason is None:
-            checkpointing.export_model(accelerator, model, run.tokenizer, run.output_dir / "final")
+            export(cfg, run, model, run.output_dir / "final")
         summary = {"steps": ctx.step, "final_loss": ctx.last_loss, "tokens_seen": ctx.tokens_seen,
                    "stop_reason": ctx.stop_reason, "eval": ctx.eval_results,
                    "checkpoint_seconds": ctx.checkpoint_seconds, "output_dir": str(run.output_dir),
                    "train_loop_seconds": loop_seconds, "final_eval_and_save_seconds": time.perf_counter() - end_start,
                    "tokens_per_second": (ctx.tokens_seen - start_tokens) / max(loop_seconds, 1e-9),
-                   "packing": packer.efficiency(), "packing_stats": dict(packer.stats)}
+                   "packing": packer.efficiency(), "packing_stats": dict(packer.stats),
+                   "examples_with_choices": ctx.examples_with_choices}
         run.record.write(status=ctx.stop_reason or "completed", steps=ctx.step, stop_reason=ctx.stop_reason,
                          final_loss=ctx.last_loss, train_loop_seconds=loop_seconds,
                          tokens_per_second=summary["tokens_per_second"], checkpoint_seconds=ctx.checkpoint_seconds,
@@ -286,6 +301,9 @@ def setup_run(cfg: Config) -> RunSetup:
     model_config = load_model_config(cfg.model)
     tokenizer = load_tokenizer(cfg.model)
     info = model_info(cfg.model, model_config, tokenizer)
+    if cfg.peft.method != "none":
+        adapters.check_init_from(cfg)  # a wrong adapter directory or base fails before any data or weights
+        adapters.peft_config(cfg, model_config)  # a family without default targets fails here too
     if cfg.trainer.precision == "fp16" and info.model_type in T5_FAMILY:
         # The name-based check in config.validate misses renamed checkpoints; the model type does not.
         raise ConfigError(f"`trainer.precision=fp16` with a {info.model_type} model: T5 overflows in fp16 and produces NaN "
@@ -308,7 +326,6 @@ def setup_run(cfg: Config) -> RunSetup:
         raise refusal or ConfigError(f"the main process refused the run directory {output_dir} (see its message).")
     if accelerator.is_main_process:
         save_config(cfg, output_dir / "config.yaml")
-        accelerator.print(f"[mtf] {plan.describe()}; model kind {info.kind}; device {accelerator.device}")
     return RunSetup(model_config, tokenizer, info, plan, accelerator, output_dir, lock)
 
 
@@ -321,14 +338,90 @@ def _any_rank(accelerator: Any, flag: bool) -> bool:
     return bool(accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), reduction="sum") > 0)
 
 
-def prepare_model(cfg: Config, run: RunSetup) -> tuple[Any, Any]:
-    """(model, optimizer), seeded, built and wrapped by the accelerator (DDP or DeepSpeed)."""
-    from accelerate.utils import set_seed
+def prepare_model(cfg: Config, run: RunSetup) -> tuple[Any, Any, tuple[int, int]]:
+    """(model, optimizer, (trainable, total) parameters), built and wrapped by the accelerator (DDP or DeepSpeed).
 
-    set_seed(cfg.trainer.seed)
-    model = build_model(cfg.model, run.model_config, run.info.kind)
+    Only trainable parameters reach the optimizer, so an adapter run keeps optimizer state for the
+    adapter alone; its checkpoints save only the trainable tensors (see :func:`adapter_checkpoint_hooks`).
+    """
+    # A random init is built whole on every rank (DeepSpeed partitions it afterwards): under ZeRO-3's
+    # zero.Init each rank would draw other random numbers, and the run would not start where 1 process does.
+    with without_zero3_init(run.accelerator) if cfg.model.config else nullcontext():
+        model = adapters.build_run_model(cfg, run.model_config, run.info.kind)
+    counts = adapters.parameter_counts(model)
     optimizer = build_optimizer(cfg, model)
-    return run.accelerator.prepare(model, optimizer)
+    model, optimizer = run.accelerator.prepare(model, optimizer)
+    if cfg.peft.method != "none":
+        adapter_checkpoint_hooks(run.accelerator, adapters.trainable_names(run.accelerator.unwrap_model(model)))
+    return model, optimizer, counts
+
+
+@contextmanager
+def without_zero3_init(accelerator: Any) -> Iterator[None]:
+    """A context in which transformers builds models whole, not partitioned by DeepSpeed's ``zero.Init``.
+
+    (accelerate's ``zero3_init_context_manager(enable=False)`` re-registers the same ZeRO-3 config with
+    transformers, so models were still partitioned inside it.)
+    """
+    from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    registered = getattr(plugin, "dschf", None)
+    if registered is None:
+        yield
+        return
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(registered)
+
+
+def adapter_checkpoint_hooks(accelerator: Any, names: set[str]) -> None:
+    """Make ``save_state`` keep only the adapter's tensors of the model, and ``load_state`` load them strictly.
+
+    The frozen base is rebuilt identically on resume (same weights or same seed), so a checkpoint of an
+    adapter run is the adapter, its optimizer state, the RNG and the trainer state: a few hundred KB
+    instead of the whole model. Under DeepSpeed the engine's own ``exclude_frozen_parameters`` does the
+    same (see checkpointing.save_checkpoint).
+    """
+
+    def keep_adapter(models: list, weights: list, output_dir: str) -> None:
+        for state in weights:  # accelerate writes these dicts after the hook: trim them in place
+            for key in [k for k in state if k not in names]:
+                del state[key]
+
+    def load_adapter(models: list, input_dir: str) -> None:
+        from safetensors.torch import load_file
+
+        for i, model in enumerate(list(models)):
+            file = Path(input_dir) / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")
+            if not file.is_file():
+                continue  # DeepSpeed engines restore themselves
+            state = load_file(str(file))
+            missing = sorted(names - set(state))
+            if missing or set(state) - names:
+                raise CheckpointError(f"{file} does not hold this run's adapter (missing {missing[:3]}, unexpected "
+                                      f"{sorted(set(state) - names)[:3]}); was it written with other `peft` settings?")
+            accelerator.unwrap_model(model).load_state_dict(state, strict=False)
+            models.remove(model)  # loaded here; accelerate would load it strictly and miss the frozen base
+
+    accelerator.register_save_state_pre_hook(keep_adapter)
+    accelerator.register_load_state_pre_hook(load_adapter)
+
+
+def export(cfg: Config, run: RunSetup, model: Any, out: Path) -> None:
+    """``out`` (``final/``, ``best/``): the full model in HF format, or for adapter runs the adapter in peft's
+    format (plus ``merged/`` with ``peft.export_merged`` and ``base/`` for a random-init base)."""
+    if cfg.peft.method == "none":
+        checkpointing.export_model(run.accelerator, model, run.tokenizer, out)
+        return
+    def rebuild() -> Any:  # on the main process only: no ZeRO-3 partitioning (a collective) while building
+        with without_zero3_init(run.accelerator):
+            return adapters.build_run_model(cfg, run.model_config, run.info.kind)
+
+    adapters.export_adapter(run.accelerator, model, run.tokenizer, out, cfg, merged=cfg.peft.export_merged,
+                            rebuild=rebuild)
 
 
 def resume(cfg: Config, ctx: TrainContext, stream: Any, packer: Any, output_dir: Path) -> None:
@@ -368,12 +461,16 @@ def resume(cfg: Config, ctx: TrainContext, stream: Any, packer: Any, output_dir:
     ctx.step, ctx.tokens_seen, ctx.examples_seen = state["step"], state["tokens_seen"], state["examples_seen"]
     ctx.task_counts = Counter(state.get("task_counts", {}))
     ctx.task_tokens = Counter(state.get("task_tokens", {}))
+    ctx.examples_with_choices = int(state.get("examples_with_choices", 0))
     ctx.best_metric_value = state.get("best_metric_value")
     accelerator.print(f"[mtf] resumed from {resume_from} at step {ctx.step}")
 
 
 def start_record(cfg: Config, run: RunSetup, ctx: TrainContext, stream: Any) -> RunRecord:
-    """Write ``run.json`` (status running) with the plan and the mixture as planned: what `mtf report` compares to."""
+    """Write ``run.json`` (status running) with the plan and the mixture as planned: what `mtf report` compares to;
+    and ``few_shot.json`` (the rows few-shot tasks train on) when the mixture has any."""
+    if run.accelerator.is_main_process:
+        pipeline.write_few_shot_record(cfg, run.output_dir)
     mixture = [{"name": s.name, "task": s.task, "examples": len(s.rows), "probability": float(s.probability)}
                for s in stream.sources]
     return RunRecord(run.output_dir, run.accelerator.is_main_process, max_steps=cfg.trainer.max_steps,
@@ -386,6 +483,7 @@ def trainer_state(cfg: Config, ctx: TrainContext, stream: Any, packer: Any) -> d
     return {"step": ctx.step, "tokens_seen": ctx.tokens_seen, "examples_seen": ctx.examples_seen,
             "stream": stream.state_dict(), "packer": packer.state_dict(),
             "task_counts": dict(ctx.task_counts), "task_tokens": dict(ctx.task_tokens), "best_metric_value": ctx.best_metric_value,
+            "examples_with_choices": ctx.examples_with_choices,
             "config": to_dict(cfg)}
 
 
@@ -407,19 +505,24 @@ def rank_micro_batches(cfg: Config, run: RunSetup, rows: list[dict], announce_st
             for i in range(0, len(mine), plan.micro_batch_size)]
 
 
-def global_denominator(micro_batches: list[dict], mode: str, plan: BatchPlan, accelerator: Any) -> float:
-    """The loss denominator of the whole step over all ranks, known before any backward pass.
+def global_denominators(micro_batches: list[dict], mode: str, weights: dict[str, float], plan: BatchPlan,
+                        accelerator: Any) -> dict[str, float]:
+    """Each active loss's denominator for the whole step over all ranks, known before any backward pass.
 
-    So the gradient is independent of micro-batching, accumulation and rank count. It is a count
-    (tokens, sequences or targets), so the all-reduced float64 sum is exact in any order.
+    So the gradient is independent of micro-batching, accumulation and rank count. Each is a count
+    (tokens, sequences, targets, wrong-choice tokens, examples with choices), so the all-reduced float64
+    sum is exact in any order; one all-reduce carries all of them.
     """
     import torch
 
-    denominator = float(sum(float(losses.local_denominator(b, mode)) for b in micro_batches))
+    totals = [0.0] * len(weights)
+    for batch in micro_batches:
+        for i, value in enumerate(losses.local_denominators(batch, mode, weights).values()):
+            totals[i] += float(value)
     if plan.world_size > 1:
-        denominator = float(accelerator.reduce(torch.tensor(denominator, dtype=torch.float64,
-                                                            device=accelerator.device), reduction="sum"))
-    return denominator
+        totals = accelerator.reduce(torch.tensor(totals, dtype=torch.float64, device=accelerator.device),
+                                    reduction="sum").tolist()
+    return dict(zip(weights, (float(t) for t in totals)))
 
 
 def set_lr(optimizer: Any, lr: float) -> float:
@@ -433,8 +536,13 @@ def set_lr(optimizer: Any, lr: float) -> float:
     return lr
 
 
-def record_step(cfg: Config, ctx: TrainContext, rows: list[dict], packer: Any, grad_norm: Any, seconds: float) -> None:
-    """Advance the step and the counters the hooks read (tokens, examples, task counts, packing figures)."""
+def record_step(cfg: Config, ctx: TrainContext, rows: list[dict], packer: Any, grad_norm: Any, seconds: float,
+                components: Optional[dict] = None) -> None:
+    """Advance the step and the counters the hooks read (tokens, examples, task counts, packing figures).
+
+    With T-Few's choice losses on, also each loss of the step (``train/loss_<name>``; absent for a loss
+    whose denominator was 0 this step) and the examples trained with a usable choice set (cumulative).
+    """
     ctx.step += 1
     ctx.last_grad_norm = float(grad_norm) if grad_norm is not None else None
     step_tokens = sum(len(r.get("input_ids", [])) + len(r.get("target_ids", [])) for r in rows)
@@ -444,3 +552,8 @@ def record_step(cfg: Config, ctx: TrainContext, rows: list[dict], packer: Any, g
     ctx.task_tokens.update(pipeline.task_tokens(rows))
     ctx.step_metrics = {"tokens": step_tokens, "step_seconds": seconds,
                         **pipeline.packing_metrics(rows, packer, ctx.kind, cfg)}
+    if cfg.trainer.loss_weights.choice_losses():
+        ctx.examples_with_choices += count_choice_sets(rows)
+        ctx.step_metrics["examples_with_choices"] = ctx.examples_with_choices
+        ctx.step_metrics.update({f"train/loss_{name}": value for name, value in (components or {}).items()
+                                 if value is not None})

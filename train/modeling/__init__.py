@@ -3,9 +3,10 @@
 Takes packed rows from :mod:`train.data` and a model config. Gives the model and tokenizer (hub name,
 local directory, or a random init from ``configs/models/*.json``), the architecture's tensors (4-D
 segment masks for T5, block-causal for decoders, prefix-LM; labels; per-segment positions), the forward
-pass that keeps packed examples apart, and per-token NLL with global loss denominators.
+pass that keeps packed examples apart, per-token NLL with global loss denominators and T-Few's choice
+losses; with ``peft.method`` set, the model wrapped with a peft adapter ((IA)^3 or LoRA).
 
-Modules, in data-flow order: models, features, losses.
+Modules, in data-flow order: models, adapters, features, losses.
 """
 
 from train import lazy_exports
@@ -15,6 +16,9 @@ _EXPORTS = {
     "load_tokenizer": "models", "model_info": "models", "build_model": "models",
     "IGNORE_INDEX": "features", "collate": "features", "segment_mask": "features",
     "model_forward": "features", "reference_target_nll": "features",
+    "build_run_model": "adapters", "wrap_with_adapter": "adapters", "export_adapter": "adapters",
+    "load_adapter_for_eval": "adapters", "parameter_counts": "adapters",
+    "choice_scores": "losses", "unlikelihood_numerator": "losses", "rank_classification_numerator": "losses",
     "MODES": "losses", "token_nll": "losses", "local_numerator": "losses", "local_denominator": "losses",
     "scaled_loss": "losses", "per_example_losses": "losses",
 }

@@ -27,6 +27,23 @@ Padding QUERIES (segment 0) may attend to every key: no row of a mask is fully b
 appear even if a blocked score rounds to -inf (e.g. bf16), and their outputs carry no loss, so they
 change nothing. Padding KEYS are never attended by real tokens.
 
+Answer choices (rows packed with ``choices=True``, see :mod:`train.data.packing`): every token has a
+*branch* within its segment (0 input, 1 target = gold choice, 2.. wrong choices). Labels, and so the LM
+loss, cover branch 1 only. Masks add one rule, for both architectures: a query attends a key of its
+segment only if the key is in the query's branch or in branch 0 (the decoder's input); so the enc-dec
+decoder self-attention is same segment AND same branch AND causal, and a decoder's choice sees its input
+and itself, never the target or another choice. T5's relative position bias is computed from row
+indices, and within one contiguous branch those distances are the unpacked ones, so it stays exact;
+BLOOM's ALiBi would not (the gap between input and choice grows), so BLOOM with choices is refused.
+Because one logit can predict the first token of the target AND of every choice (decoders: the last
+input token), choices are scored through gather indices rather than a second label array: collate adds
+
+    choice_logit_index   (T,)  flat index b * seq + t of the logit that predicts each choice token
+    choice_token_ids     (T,)  the token it must predict
+    choice_token_choice  (T,)  which choice (0..C-1 in the micro-batch) the token belongs to
+    choice_example       (C,)  which example (0..E-1) each choice belongs to
+    choice_slot          (C,)  0 = the gold choice (the target's own tokens, not stored twice), 1.. = wrong
+
 Decoders also get ``position_ids`` reset per segment and run with ``use_cache=False`` (with the cache on,
 some models ignore the 4-D mask, FIELD_NOTES.md). BLOOM has no position ids: its ALiBi bias is built
 from plain key positions 0..L-1 by :func:`install_bloom_packing_adapter`, which is exact because ALiBi
@@ -92,7 +109,9 @@ def collate(
         decoder_input_ids, target_segment_ids, target_positions, labels, loss_segment_ids
         (batch, max_target_tokens). Decoder kinds: input_ids, segment_ids, position_ids, prefix_mask,
         labels, loss_segment_ids (batch, max_tokens). ``loss_segment_ids`` is the segment of each label
-        (0 where the label is IGNORE_INDEX); all tensors are int64. Segment 0 is padding.
+        (0 where the label is IGNORE_INDEX); all tensors are int64. Segment 0 is padding. Rows packed
+        with choices add ``target_branch_ids`` / ``branch_ids`` (same shape) and the ``choice_*`` gather
+        tensors of the module docstring.
 
     Raises:
         ConfigError: unknown kind or a missing capacity / decoder_start_id.
@@ -126,6 +145,14 @@ def collate(
         batch["decoder_input_ids"] = torch.where(seg > 0, decoder_input_ids, torch.full_like(targets, pad_id))
         batch["labels"] = torch.where(seg > 0, targets, torch.full_like(targets, IGNORE_INDEX))
         batch["loss_segment_ids"] = seg.clone()
+        if _has_branches(rows, "target_branch_ids"):
+            # Choices restart their positions at 0, so the shift above already gave each its start token.
+            branch = _pad([r["target_branch_ids"] for r in rows], max_target_tokens, 0, "target")
+            gold = branch == 1  # the LM loss is the target's only
+            batch["target_branch_ids"] = branch
+            batch["labels"] = torch.where(gold, batch["labels"], torch.full_like(targets, IGNORE_INDEX))
+            batch["loss_segment_ids"] = torch.where(gold, seg, torch.zeros_like(seg))
+            batch.update(_choice_gather(rows, kind, max_target_tokens))
         return batch
 
     if max_tokens is None:
@@ -138,7 +165,7 @@ def collate(
     next_seg = torch.cat([seg[:, 1:], torch.zeros_like(seg[:, :1])], dim=1)
     next_is_target = torch.cat([loss_mask[:, 1:], torch.zeros_like(loss_mask[:, :1])], dim=1) > 0
     keep = next_is_target & (next_seg == seg) & (seg > 0)
-    return {
+    batch = {
         "input_ids": input_ids,
         "segment_ids": seg,
         "position_ids": _pad([r["positions"] for r in rows], max_tokens, 0, ""),
@@ -146,6 +173,58 @@ def collate(
         "labels": torch.where(keep, next_ids, torch.full_like(next_ids, IGNORE_INDEX)),
         "loss_segment_ids": torch.where(keep, seg, torch.zeros_like(seg)),
     }
+    if _has_branches(rows, "branch_ids"):
+        # Choices carry loss_mask 0, so the labels above are the target's alone.
+        batch["branch_ids"] = _pad([r["branch_ids"] for r in rows], max_tokens, 0, "")
+        batch.update(_choice_gather(rows, kind, max_tokens))
+    return batch
+
+
+def _has_branches(rows: Sequence[dict], key: str) -> bool:
+    """Whether the rows were packed with choices; all of them or none."""
+    have = [key in r for r in rows]
+    if any(have) and not all(have):
+        raise DataError(f"features: rows {[i for i, h in enumerate(have) if not h]} lack {key!r} while others have "
+                        "it; pack every row of a batch with the same Packer(choices=...)")
+    return all(have)
+
+
+def _choice_gather(rows: Sequence[dict], kind: str, width: int) -> dict[str, torch.Tensor]:
+    """The ``choice_*`` gather tensors of the module docstring for rows packed with choices.
+
+    Only segments holding a wrong choice (branch >= 2) have a choice set. Its choices are, in this order,
+    the target (slot 0, the gold) and the wrong choices (slots 1..). The logit that predicts token ``t``
+    is ``t`` for enc-dec (labels are not shifted there); for decoders it is ``t - 1``, except for a
+    branch's first token, which is predicted by the last input token of its segment.
+    """
+    logit_index, token_ids, token_choice, choice_example, choice_slot = [], [], [], [], []
+    examples = 0
+    for b, row in enumerate(rows):
+        if kind == "encdec":
+            ids, seg, branch = row["target_ids"], row["target_segment_ids"], row["target_branch_ids"]
+        else:
+            ids, seg, branch = row["input_ids"], row["segment_ids"], row["branch_ids"]
+        spans: dict[int, dict[int, list[int]]] = {}  # segment -> branch -> token indices, in row order
+        for t, (s, k) in enumerate(zip(seg, branch)):
+            spans.setdefault(s, {}).setdefault(k, []).append(t)
+        for by_branch in spans.values():
+            if max(by_branch) < 2:
+                continue  # no wrong choice kept: this example trains with the LM loss alone
+            example, examples = examples, examples + 1
+            last_input = by_branch[0][-1] if kind != "encdec" else None
+            for k in sorted(k for k in by_branch if k >= 1):
+                choice = len(choice_slot)
+                choice_example.append(example)
+                choice_slot.append(k - 1)
+                for j, t in enumerate(by_branch[k]):
+                    source = t if kind == "encdec" else (last_input if j == 0 else t - 1)
+                    logit_index.append(b * width + source)
+                    token_ids.append(ids[t])
+                    token_choice.append(choice)
+    as_long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
+    return {"choice_logit_index": as_long(logit_index), "choice_token_ids": as_long(token_ids),
+            "choice_token_choice": as_long(token_choice), "choice_example": as_long(choice_example),
+            "choice_slot": as_long(choice_slot)}
 
 
 # ---------------------------------------------------------------------------------------------- masks
@@ -166,6 +245,8 @@ def segment_mask(
     *,
     causal: bool,
     prefix: torch.Tensor | None = None,
+    query_branch: torch.Tensor | None = None,
+    key_branch: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Additive attention mask that keeps attention inside each segment.
 
@@ -175,11 +256,16 @@ def segment_mask(
         dtype: float dtype of the mask (the dtype the attention runs in).
         causal: also require key index <= query index (self-attention only, q == k).
         prefix: (batch, q) 1 on prefix-LM input tokens, which attend bidirectionally among themselves.
+        query_branch, key_branch: (batch, q), (batch, k) branch ids of rows packed with answer choices:
+            a key is attended only if it is in the query's branch or in branch 0 (a decoder's input).
 
     Returns:
         (batch, 1, q, k) tensor of 0 (attend) and ``finfo(dtype).min`` (blocked).
     """
     allowed = (query_seg[:, :, None] == key_seg[:, None, :]) & (key_seg[:, None, :] > 0)  # (batch, q, k)
+    if query_branch is not None and key_branch is not None:
+        key_b = key_branch[:, None, :]
+        allowed = allowed & ((query_branch[:, :, None] == key_b) | (key_b == 0))  # (batch, q, k)
     if causal:
         q_len, k_len = query_seg.shape[1], key_seg.shape[1]
         order = torch.ones(q_len, k_len, dtype=torch.bool, device=query_seg.device).tril()  # (q, k)
@@ -232,8 +318,10 @@ def install_bloom_packing_adapter(bloom_model: torch.nn.Module) -> None:
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    # DDP / accelerate wrappers keep the real model in .module; config and submodules live there.
-    return getattr(model, "module", model)
+    # DDP / accelerate wrappers keep the real model in .module; config and submodules live there. A peft
+    # model keeps the Hugging Face model (with the adapter layers injected) behind get_base_model().
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def model_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
@@ -259,6 +347,7 @@ def model_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], kind: 
     dtype = _attention_dtype(inner)
     if kind == "encdec":
         enc_seg, dec_seg = batch["input_segment_ids"], batch["target_segment_ids"]
+        dec_branch = batch.get("target_branch_ids")  # rows with answer choices: each choice its own branch
         encoder_outputs = inner.get_encoder()(
             input_ids=batch["input_ids"],
             attention_mask=segment_mask(enc_seg, enc_seg, dtype, causal=False),
@@ -268,18 +357,20 @@ def model_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], kind: 
             encoder_outputs=encoder_outputs,
             attention_mask=segment_mask(dec_seg, enc_seg, dtype, causal=False),  # cross-attention only
             decoder_input_ids=batch["decoder_input_ids"],
-            decoder_attention_mask=segment_mask(dec_seg, dec_seg, dtype, causal=True),
+            decoder_attention_mask=segment_mask(dec_seg, dec_seg, dtype, causal=True, query_branch=dec_branch,
+                                                key_branch=dec_branch),
             use_cache=False,
             return_dict=True,
         )
         return out.logits
     if kind not in ("decoder", "prefix_lm"):
         raise ConfigError(f"features: unknown model kind {kind!r}; expected 'encdec', 'decoder' or 'prefix_lm'")
-    seg = batch["segment_ids"]
+    seg, branch = batch["segment_ids"], batch.get("branch_ids")
     prefix = batch["prefix_mask"] if kind == "prefix_lm" else None
-    mask = segment_mask(seg, seg, dtype, causal=True, prefix=prefix)
+    mask = segment_mask(seg, seg, dtype, causal=True, prefix=prefix, query_branch=branch, key_branch=branch)
     kwargs = {"input_ids": batch["input_ids"], "attention_mask": mask, "use_cache": False, "return_dict": True}
     if getattr(inner.config, "model_type", "") == "bloom":
+        check_choice_support("bloom", choices=branch is not None)
         install_bloom_packing_adapter(inner)  # ALiBi from plain positions; BLOOM takes no position_ids
     elif "position_ids" in inspect.signature(inner.forward).parameters:
         kwargs["position_ids"] = batch["position_ids"]
@@ -289,6 +380,22 @@ def model_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], kind: 
             "per segment; use pack=False for it or add an adapter like install_bloom_packing_adapter"
         )
     return model(**kwargs).logits
+
+
+def check_choice_support(model_type: str, *, choices: bool) -> None:
+    """Refuse answer choices in packed rows for a model whose positions cannot express them exactly.
+
+    Raises:
+        ConfigError: BLOOM with choices (ALiBi is built from plain key positions, so a choice placed after
+            the target would see its input farther away than when run alone).
+    """
+    if choices and model_type == "bloom":
+        raise ConfigError(
+            "the unlikelihood and rank-classification losses pack answer choices after the target, which BLOOM's "
+            "ALiBi cannot keep exact (the distance from a choice to its input changes); set "
+            "`trainer.loss_weights.unlikelihood=0` and `trainer.loss_weights.rank_classification=0` for BLOOM, "
+            "or use a model with position ids (T5, Llama, GPT-2)."
+        )
 
 
 # ---------------------------------------------------------------------------------------------- reference

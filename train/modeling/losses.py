@@ -29,6 +29,20 @@ Modes (``labels`` == IGNORE_INDEX contributes nothing; an "example" is one segme
   micro-batch means averaged, so examples in sparsely packed micro-batches weighed more. Here both use
   the global count. "len" is the length of the target as it appears in the row (after truncation).
 - ``sum``: no normalisation: num = sum NLL; the denominator is ignored (``local_denominator`` returns 0).
+
+T-Few's choice losses (Liu et al. 2022, t-few ``EncoderDecoder.py``) are computed from the answer choices
+that rows packed with ``choices=True`` carry (the ``choice_*`` gather tensors of
+:mod:`train.modeling.features`), in the same numerator / global-denominator form, whatever the mode:
+
+- ``unlikelihood``: push the wrong choices down. num = sum over wrong-choice tokens of
+  ``-log(1 - p(token) + 0.01)``; den = #wrong-choice tokens.
+- ``rank_classification`` (length-normalised): score each choice by the mean log-probability of its
+  tokens; num = sum over examples with a choice set of the cross-entropy of softmax(scores) against the
+  gold choice; den = #examples with a choice set.
+
+The step loss is ``sum_k weight_k * num_k / global_den_k`` (``trainer.loss_weights``; LOSS_NAMES): see
+:func:`local_numerators`, :func:`local_denominators` and :func:`weighted_loss`. An example without a
+choice set contributes only its LM loss; a loss whose global denominator is 0 contributes 0.
 """
 
 from __future__ import annotations
@@ -39,6 +53,8 @@ from train.errors import ConfigError
 from train.modeling.features import IGNORE_INDEX
 
 MODES = ("token_mean", "sequence_mean", "target_mean", "sum")
+LOSS_NAMES = ("lm", "unlikelihood", "rank_classification")  # the keys of trainer.loss_weights
+UNLIKELIHOOD_EPS = 0.01  # t-few: -log(1 - p + 1e-2), so a certain wrong token costs log(100), not infinity
 
 
 def _check_mode(mode: str) -> None:
@@ -160,3 +176,147 @@ def per_example_losses(nll: torch.Tensor, batch: dict[str, torch.Tensor]) -> lis
     )
     present = counts > 0
     return (sums[present] / counts[present].double()).tolist()
+
+
+# ---------------------------------------------------------------------------------------------- T-Few
+
+
+def choice_token_log_probs(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Log-probability of every answer-choice token (gold and wrong), in fp32.
+
+    Args:
+        logits: (batch, seq, vocab) from :func:`train.modeling.features.model_forward`.
+        batch: a collated batch of rows packed with choices (``choice_logit_index``, ``choice_token_ids``).
+
+    Returns:
+        (T,) fp32, one entry per choice token, in the order of ``batch["choice_token_ids"]``.
+    """
+    flat = logits.reshape(-1, logits.shape[-1])[batch["choice_logit_index"]].float()  # (T, vocab)
+    return flat.log_softmax(dim=-1).gather(1, batch["choice_token_ids"][:, None])[:, 0]
+
+
+def choice_scores(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Length-normalised score of every choice: the mean log-probability of its tokens.
+
+    Returns:
+        (C,) fp32, in the order of ``batch["choice_slot"]`` (slot 0 = an example's gold choice).
+    """
+    logp = choice_token_log_probs(logits, batch)
+    n_choices = batch["choice_slot"].shape[0]
+    sums = torch.zeros(n_choices, dtype=logp.dtype, device=logp.device).index_add(0, batch["choice_token_choice"], logp)
+    counts = torch.bincount(batch["choice_token_choice"], minlength=n_choices).to(logp.dtype)
+    return sums / counts
+
+
+def _has_choices(batch: dict[str, torch.Tensor]) -> bool:
+    return "choice_slot" in batch and batch["choice_slot"].numel() > 0
+
+
+def _wrong_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(T,) bool: the choice token belongs to a wrong choice."""
+    return batch["choice_slot"][batch["choice_token_choice"]] > 0
+
+
+def _zero(logits: torch.Tensor) -> torch.Tensor:
+    # A zero that keeps the graph: a micro-batch without choices must still backward (DDP, lm weight 0).
+    return logits.reshape(-1)[:1].float().sum() * 0.0
+
+
+def unlikelihood_numerator(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum over the wrong choices' tokens of ``-log(1 - p(token) + 0.01)``; a differentiable fp32 scalar."""
+    if not _has_choices(batch):
+        return _zero(logits)
+    logp = choice_token_log_probs(logits, batch)[_wrong_tokens(batch)]
+    return -torch.log(-torch.expm1(logp) + UNLIKELIHOOD_EPS).sum()  # 1 - p as -expm1(log p): exact for small p
+
+
+def unlikelihood_denominator(batch: dict[str, torch.Tensor]) -> float:
+    """The micro-batch's wrong-choice tokens (sum over micro-batches and ranks for the global denominator)."""
+    return float(_wrong_tokens(batch).sum().item()) if _has_choices(batch) else 0.0
+
+
+def rank_classification_numerator(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum over examples with a choice set of CE(softmax(mean log-prob of each choice), gold); fp32 scalar."""
+    if not _has_choices(batch):
+        return _zero(logits)
+    scores = choice_scores(logits, batch)  # (C,)
+    example, slot = batch["choice_example"], batch["choice_slot"]
+    n_examples, width = int(example.max().item()) + 1, int(slot.max().item()) + 1
+    table = torch.full((n_examples, width), float("-inf"), dtype=scores.dtype, device=scores.device)
+    table = table.index_put((example, slot), scores)  # (examples, choices); -inf where an example has fewer
+    gold = torch.zeros(n_examples, dtype=torch.long, device=scores.device)  # slot 0 is the gold choice
+    return torch.nn.functional.cross_entropy(table, gold, reduction="sum")
+
+
+def rank_classification_denominator(batch: dict[str, torch.Tensor]) -> float:
+    """The micro-batch's examples with a choice set."""
+    return float((batch["choice_slot"] == 0).sum().item()) if _has_choices(batch) else 0.0
+
+
+def active_weights(loss_weights: object) -> dict[str, float]:
+    """``{name: weight}`` of the losses with a weight > 0, in LOSS_NAMES order (a ``LossWeightsConfig``)."""
+    return {name: float(getattr(loss_weights, name)) for name in LOSS_NAMES if getattr(loss_weights, name) > 0}
+
+
+def local_numerators(logits: torch.Tensor, batch: dict[str, torch.Tensor], mode: str,
+                     names: object) -> dict[str, torch.Tensor]:
+    """The micro-batch's numerator of each loss in ``names`` (a subset of LOSS_NAMES), in that order."""
+    out = {}
+    for name in names:
+        if name == "lm":
+            out[name] = local_numerator(token_nll(logits, batch["labels"]), batch, mode)
+        elif name == "unlikelihood":
+            out[name] = unlikelihood_numerator(logits, batch)
+        elif name == "rank_classification":
+            out[name] = rank_classification_numerator(logits, batch)
+        else:
+            raise ConfigError(f"losses: unknown loss {name!r}; expected one of {list(LOSS_NAMES)}")
+    return out
+
+
+def local_denominators(batch: dict[str, torch.Tensor], mode: str, names: object) -> dict[str, float]:
+    """The micro-batch's share of each loss's global denominator (sum over micro-batches and ranks)."""
+    out = {}
+    for name in names:
+        if name == "lm":
+            out[name] = local_denominator(batch, mode)
+        elif name == "unlikelihood":
+            out[name] = unlikelihood_denominator(batch)
+        elif name == "rank_classification":
+            out[name] = rank_classification_denominator(batch)
+        else:
+            raise ConfigError(f"losses: unknown loss {name!r}; expected one of {list(LOSS_NAMES)}")
+    return out
+
+
+def weighted_loss(numerators: dict[str, torch.Tensor], global_denominators: dict[str, float],
+                  weights: dict[str, float], *, mode: str, world_size: int = 1) -> torch.Tensor:
+    """What to call ``backward()`` on: ``sum_k weight_k * numerator_k / global_denominator_k * world_size``.
+
+    The LM loss follows ``mode`` (see :func:`scaled_loss`); the choice losses are always means over their
+    global counts. With the default weights ({"lm": 1.0}) this is exactly ``scaled_loss`` of the LM loss.
+    """
+    total = None
+    for name, numerator in numerators.items():
+        term = scaled_loss(numerator, global_denominators[name], mode=mode if name == "lm" else "token_mean",
+                           world_size=world_size) * weights[name]
+        total = term if total is None else total + term
+    return total
+
+
+def step_losses(numerator_sums: dict[str, float], global_denominators: dict[str, float],
+                mode: str) -> dict[str, float | None]:
+    """Each loss of a whole step from its all-reduced numerator sum: num / den (None when den is 0).
+
+    The LM loss in ``sum`` mode is the sum itself (as :func:`scaled_loss` does).
+    """
+    out: dict[str, float | None] = {}
+    for name, total in numerator_sums.items():
+        denominator = global_denominators[name]
+        if name == "lm" and mode == "sum":
+            out[name] = float(total)
+        elif denominator > 0:
+            out[name] = float(total) / denominator
+        else:
+            out[name] = float(total) if name == "lm" else None
+    return out
