@@ -191,6 +191,23 @@ def test_adapter_run_trains_only_the_adapter(adapter_run):
     assert sum(len(g["params"]) for g in optimizer["param_groups"]) == len(adapter)
 
 
+def test_a_decoder_trains_a_lora_adapter_with_the_choice_losses(tmp_path):
+    """The same loop with a Llama-style decoder, LoRA and T-Few's losses (choices packed as branches)."""
+    from safetensors.torch import load_file
+
+    run = tmp_path / "llama"
+    proc = _mtf(["train", *ADAPTER, "model.config=configs/models/llama_tiny.json", "model.kind=prefix_lm",
+                 "data.max_tokens=192", "peft.method=lora", "peft.target_modules=null", "peft.feedforward_modules=null",
+                 "trainer.max_steps=3", "checkpoint.export_final=true", f"run.output_dir={run}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "lora adapter" in proc.stdout
+    records = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["examples_with_choices"] > 0 and "train/loss_rank_classification" in records[-1]
+    adapter = load_file(str(run / "final" / "adapter_model.safetensors"))
+    assert {tuple(k.split(".")[-3:-1]) for k in adapter} == {(m, w) for m in ("q_proj", "v_proj") for w in ("lora_A", "lora_B")}
+    assert any(float(v.abs().sum()) > 0 for k, v in adapter.items() if "lora_B" in k)  # B moved off zero
+
+
 def test_adapter_checkpoint_is_under_5_percent_of_a_full_one(adapter_run, tmp_path):
     full = tmp_path / "full"
     proc = _mtf(["train", "configs/demo.yaml", *FAST, "trainer.max_steps=1", f"run.output_dir={full}"])
@@ -300,13 +317,13 @@ def test_a_checkpoint_from_before_the_peft_section_resumes_with_the_default_sett
 
 @pytest.mark.slow
 def test_two_processes_and_zero3_match_one_process(adapter_run, tmp_path):
-    """DDP (2 ranks) and DeepSpeed ZeRO-3 (2 ranks) adapter runs give 1-process losses and a whole adapter."""
+    """DDP, DeepSpeed ZeRO-2 and ZeRO-3 (2 ranks each) adapter runs give 1-process losses and a whole adapter."""
     from safetensors.torch import load_file
 
     one = _losses(adapter_run)
     reference = load_file(str(adapter_run / "final" / "adapter_model.safetensors"))
-    launches = {"ddp": ["--multi_gpu"], "zero3": ["--use_deepspeed"]}
-    for port, (name, flags) in zip((29561, 29563), launches.items()):
+    launches = {"ddp": ["--multi_gpu"], "zero2": ["--use_deepspeed"], "zero3": ["--use_deepspeed"]}
+    for port, (name, flags) in zip((29561, 29562, 29563), launches.items()):
         env = _env()
         env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
         extra = []
@@ -314,7 +331,7 @@ def test_two_processes_and_zero3_match_one_process(adapter_run, tmp_path):
             env["ACCELERATE_USE_CPU"] = "1"
         else:
             pytest.importorskip("deepspeed")
-            extra = ["trainer.deepspeed=configs/deepspeed/zero3.json"]
+            extra = [f"trainer.deepspeed=configs/deepspeed/{name}.json"]
         run = tmp_path / name
         proc = subprocess.run(
             [sys.executable, "-m", "accelerate.commands.launch", *flags, "--num_processes", "2", "--num_machines", "1",
