@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 from train.reports import plots
-from train.reports.rundata import RunData, mixture_table, packing_losses, read_run, series
+from train.reports.rundata import RunData, mixture_table, packing_losses, protocol_label, read_run, series
 
 SECTIONS = ("run", "training", "eval", "mixture", "config")
 
@@ -193,7 +193,7 @@ def _eval_section(runs: Sequence[RunData], image: bytes) -> str:
         meta = finals[names[0]]["datasets"].get(d, {})
         rows.append([_e(d), _fmt(meta.get("num_templates"))] + cells)
     steps = ", ".join(f"{_e(n)}: step {finals[n].get('step')}" for n in names)
-    parts.append(f"<h3>Final results: median over templates (%)</h3><p class='muted'>{steps}</p>")
+    parts.append(f"<h3>Final results: {_e(protocol_label(runs))} (%)</h3><p class='muted'>{steps}</p>")
     parts.append(_table(["dataset", "templates"] + names, rows))
     # Per template: score (and length-normalised) per run.
     rows = []

@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Sequence
 
-from train.reports.rundata import RunData, eval_table, mixture_table, series
+from train.reports.rundata import RunData, eval_table, mixture_table, protocol_label, series
 
 FIGSIZE = (12.0, 7.0)
 DPI = 100
@@ -111,6 +111,7 @@ def plot_eval(runs: Sequence[RunData], path: Path) -> Path:
     """Per dataset: the median over templates at each eval step, with the min–max band over templates."""
     plt = _pyplot()
     tables = [eval_table(run) for run in runs]
+    label = protocol_label(runs)
     datasets = sorted({d for table in tables for d in table})
     n = max(1, len(datasets))
     cols = min(n, 3)
@@ -127,7 +128,7 @@ def plot_eval(runs: Sequence[RunData], path: Path) -> Path:
         chance = [table[dataset]["chance"] for table in tables if table.get(dataset, {}).get("chance") is not None]
         if chance:
             ax.axhline(chance[0], color="#888888", linestyle="--", linewidth=1, label="chance")
-        ax.set_title(f"{dataset}: median over templates (band: min–max)", fontsize=9)
+        ax.set_title(f"{dataset}: {label} (band: min–max)", fontsize=9)
         ax.set_xlabel("step")
         ax.set_ylabel("score")
         ax.grid(alpha=0.3)

@@ -235,6 +235,15 @@ def packing_losses(run: RunData) -> dict:
             if k.startswith(("packing/truncated", "packing/dropped"))}
 
 
+def protocol_label(runs: Any) -> str:
+    """What the per-dataset number of these runs' evaluations is (T0's median over templates, or T-Few's
+    median over seeds of one random template per example); both when the runs differ."""
+    names = sorted({str((ev.get("protocol") or {}).get("name", "t0")) if isinstance(ev.get("protocol"), dict)
+                    else str(ev.get("protocol") or "t0") for run in runs for ev in run.evals})
+    labels = {"t0": "median over templates", "tfew": "T-Few: median over seeds, one random template per example"}
+    return " / ".join(labels.get(n, n) for n in names) or labels["t0"]
+
+
 def eval_table(run: RunData) -> dict[str, dict[str, Any]]:
     """dataset -> {"steps", "median", "min", "max", "chance"} over the run's evaluations."""
     out: dict[str, dict[str, Any]] = {}
