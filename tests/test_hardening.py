@@ -480,8 +480,8 @@ def test_resume_with_a_changed_batch_size_is_refused(run, capsys):
 
 
 def test_resume_with_a_changed_mixture_is_refused(run, capsys):
-    user_error(_train_args(run, 6, "data.train_mixture=data_mixtures/local_train.yaml"), capsys,
-               "data.train_mixture: 'data_mixtures/demo_train.yaml' -> 'data_mixtures/local_train.yaml'")
+    user_error(_train_args(run, 6, "data.train_mixture=data_mixtures/tfew_tiny_train.yaml"), capsys,
+               "data.train_mixture: 'data_mixtures/demo_train.yaml' -> 'data_mixtures/tfew_tiny_train.yaml'")
 
 
 def test_an_accepted_change_resumes(run, capsys):

@@ -111,7 +111,7 @@ def _check_targets(targets: list[str], model: Any, key: str) -> None:
     names = _module_names(model)
     for target in targets:
         if not any(n == target or n.endswith("." + target) for n in names):
-            leaves = sorted({n.rsplit(".", 1)[-1] for n in names if "." in n})
+            leaves = sorted({n.rsplit(".", 1)[-1] for n in names if "." in n and not n.rsplit(".", 1)[-1].isdigit()})
             raise ConfigError(f"`{key}`: {target!r} matches no module of this {type(model).__name__}. Module names "
                               f"end in: {', '.join(leaves[:40])}. Fix `{key}` (or leave it null for the family default).")
 
