@@ -1,7 +1,7 @@
 """The package layout keeps the data flow: imports run down the stages, never back, and nothing imports the CLI.
 
 Stages, in order (``train/__init__.py``): the base (config, errors, the package itself), then data,
-modeling, evaluation, loop, and the CLI last. A module may import from its own stage or an earlier one;
+modeling, evaluation, loop, reports, experts, and the CLI last. A module may import from its own stage or an earlier one;
 inside a stage, only modules listed before it. Imports are read with ``ast`` (module level and inside
 functions alike), so a lazy import cannot hide a backwards edge.
 """
@@ -25,6 +25,7 @@ STAGES = {
                    "runner"),
     "loop": ("loggers", "checkpointing", "rundir", "hooks", "trainer", "validation"),
     "reports": ("rundata", "plots", "page"),
+    "experts": ("merge_config", "checkpoints", "methods", "merging"),
 }
 STAGE_ORDER = list(STAGES)
 MAX_TRAIN_LINES = 150

@@ -8,6 +8,8 @@ One subpackage per stage of the data flow; imports only run down this list (test
     modeling/               packed rows -> model tensors (enc-dec | decoder | prefix-lm masks) -> losses
     evaluation/             a model + prompted eval examples -> zero-shot scores, T0-style aggregates
     loop/                   the training loop and its hooks (log, eval, checkpoint, preempt)
+    reports/                run directories -> one HTML page with figures (`mtf report`)
+    experts/                finetuned experts (full or peft adapters) -> one merged model (`mtf merge`)
     cli                     the ``mtf`` command; nothing imports it
 
 Each subpackage names its public API in ``__all__`` and loads a submodule only when one of its names is

@@ -8,6 +8,7 @@
     mtf tasks preview TASK_OR_MIXTURE       print rendered examples
     mtf mixture show MIXTURE                per-task rates, shares, expected epochs
     mtf report RUN_DIR [RUN_DIR ...]        an HTML page + PNGs of one run, or of several side by side
+    mtf merge CONFIG [key=value ...]        merge finetuned experts (full models or adapters) into one model
 
 Exit codes: 0 success, 1 internal error (a bug: traceback printed), 2 user error (config or data: one
 paragraph, no traceback unless --debug), 3 preempted (checkpoint written; requeue and resume).
@@ -229,6 +230,19 @@ def cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from train.experts.merge_config import load_merge_config
+    from train.experts.merging import format_summary, merge
+
+    cfg = load_merge_config(args.config, args.overrides)
+    summary = merge(cfg, dry_run=args.dry_run)
+    if args.json:
+        _print_json(summary)
+    else:
+        print(format_summary(summary))
+    return EXIT_OK
+
+
 # ------------------------------------------------------------------------------------------ parser
 
 
@@ -340,6 +354,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/report for one run, ./mtf-report "
                    "for several)")
     p.add_argument("--json", action="store_true")
+
+    p = add("merge", "Merge experts finetuned from one base (full Hugging Face checkpoints or peft LoRA / (IA)^3 "
+            "adapters) into one model: linear averaging, task arithmetic, TIES or DARE, as a merge config says "
+            "(configs/merges/*.yaml). Streams tensor by tensor from safetensors; writes a model directory that "
+            "from_pretrained and `mtf eval` load, with merge_record.json.", cmd_merge)
+    p.add_argument("config", help="merge config, e.g. configs/merges/tfew_tiny_ties.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides (values parsed as YAML), e.g. "
+                   "parameters.density=0.5 models.1.weight=2")
+    p.add_argument("--dry-run", action="store_true", help="check the config and that the models fit together "
+                   "(headers only), print the plan, write nothing")
+    p.add_argument("--json", action="store_true", help="print the summary (what merge_record.json holds) as JSON")
     return parser
 
 
