@@ -14,13 +14,14 @@ export WANDB_MODE ?= offline
 # DeepSpeed builds a comm op on first use (~29 s); keep the build between runs.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: install demo test test-fast bench learning-check clean help
+.PHONY: install demo test test-fast bench learning-check merge-check clean help
 
 help:
 	@echo "make demo   - set up .venv and run the demo: train a tiny T5 on data_mixtures/demo_train.yaml, zero-shot eval on COPA"
 	@echo "make test   - set up .venv and run the test suite"
 	@echo "make bench  - run the benchmarks in scripts/ and rewrite BENCHMARKS.md"
 	@echo "make learning-check - train a small T5 from scratch on 3 real tasks (needs ../shared), ablations, BENCHMARKS.md"
+	@echo "make merge-check - experts per task from one base, merged 5 ways vs multitask (needs ../shared), BENCHMARKS.md"
 
 $(STAMP): requirements.lock setup.cfg
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,6 +48,9 @@ bench: install
 
 learning-check: install
 	$(PY) scripts/learning_check.py --write-benchmarks BENCHMARKS.md --plot docs
+
+merge-check: install
+	$(PY) scripts/merge_check.py --write-benchmarks BENCHMARKS.md
 
 clean:
 	rm -rf runs .pytest_cache .cache
