@@ -580,13 +580,7 @@ def markdown(results: dict, machine: str, command: str) -> str:
 
 def write_section(path: Path, section: str) -> None:
     """Replace the merge-check section of ``path`` (or append it), leaving the rest alone."""
-    text = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section.rstrip("\n") + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text, encoding="utf-8")
+    lc.write_section(path, section, BEGIN, END)
 
 
 def main(argv: list[str] | None = None) -> dict:

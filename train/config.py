@@ -355,11 +355,15 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def read_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping with the safe loader; errors name the file and the fix."""
+def read_yaml(path: str | Path, *, what: str = "config file", example: str = "configs/demo.yaml",
+              top_level: str = "a mapping of sections (run, model, data, ...)") -> dict:
+    """Read a YAML mapping with the safe loader; errors name the file and the fix.
+
+    ``what``, ``example`` and ``top_level`` word the errors for other YAML files (``mtf merge`` configs).
+    """
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist. Pass the path of a YAML file, e.g. configs/demo.yaml.")
+        raise ConfigError(f"{what} {path} does not exist. Pass the path of a YAML file, e.g. {example}.")
     try:
         data = load_yaml(path.read_text(encoding="utf-8"), str(path))
     except yaml.YAMLError as err:
@@ -369,7 +373,7 @@ def read_yaml(path: str | Path) -> dict:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections (run, model, data, ...), not {type(data).__name__}.")
+        raise ConfigError(f"{path}: the top level must be {top_level}, not {type(data).__name__}.")
     return data
 
 

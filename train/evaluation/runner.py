@@ -172,7 +172,7 @@ def load_model_for_eval(model: str, kind: str = "auto", tokenizer: Optional[str]
     Raises:
         ConfigError: the path holds no model (the message lists what it looked for).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     path = resolve_model_path(model)
     if (path / "trainer_state.json").exists():
@@ -195,38 +195,34 @@ def load_model_for_eval(model: str, kind: str = "auto", tokenizer: Optional[str]
     except (OSError, ValueError, RuntimeError) as err:
         raise ConfigError(f"{model}: the model weights cannot be loaded ({str(err).splitlines()[0]}). "
                           "Re-export the model, or evaluate another checkpoint.") from None
+    return loaded, _eval_tokenizer(tokenizer or str(path), model), resolved
+
+
+def _eval_tokenizer(source: str, who: Any) -> Any:
+    """The tokenizer at ``source``, with a pad token (decoders often lack one; padding is masked anyway)."""
+    from transformers import AutoTokenizer
+
     try:
-        tok = AutoTokenizer.from_pretrained(tokenizer or str(path))
+        tok = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as err:
-        raise ConfigError(f"{model}: no tokenizer could be loaded from {tokenizer or path} ({str(err).splitlines()[0]}). "
+        raise ConfigError(f"{who}: no tokenizer could be loaded from {source} ({str(err).splitlines()[0]}). "
                           "Pass one with --tokenizer.") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    return loaded, tok, resolved
+    return tok
 
 
 def _load_adapter(path: Path, kind: str, tokenizer: Optional[str], base_model: Optional[str]) -> tuple[Any, Any, str]:
-    from transformers import AutoTokenizer
-
     from train.modeling.adapters import load_adapter_for_eval
 
     model, base = load_adapter_for_eval(path, base_model, kind)
     is_encdec = bool(getattr(model.config, "is_encoder_decoder", False))
     resolved = ("encdec" if is_encdec else "decoder") if kind == "auto" else kind
     source = tokenizer or (str(path) if (path / "tokenizer_config.json").exists() else base)
-    try:
-        tok = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"{path}: no tokenizer could be loaded from {source} ({str(err).splitlines()[0]}). "
-                          "Pass one with --tokenizer.") from None
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return model, tok, resolved
+    return model, _eval_tokenizer(source, path), resolved
 
 
 def _load_from_checkpoint(path: Path, kind: str, tokenizer: Optional[str]) -> tuple[Any, Any, str]:
-    from safetensors.torch import load_file
-
     from train.config import Config, _build, read_yaml
     from train.modeling.models import build_model, infer_kind, load_model_config, load_tokenizer
 
@@ -245,12 +241,7 @@ def _load_from_checkpoint(path: Path, kind: str, tokenizer: Optional[str]) -> tu
     if cfg.peft.method != "none":  # an adapter checkpoint holds the adapter only: rebuild the base, then load it
         return _load_adapter_checkpoint(cfg, model_config, resolved, weights, tokenizer)
     model = build_model(cfg.model, model_config, resolved)
-    state = {}
-    for file in weights:
-        try:
-            state.update(load_file(str(file)))
-        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
-            raise ConfigError(f"{file} is damaged ({err}); evaluate an earlier checkpoint or the run's final/ export.") from None
+    state = _read_checkpoint_weights(weights)
     _restore_tied(model, state)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
@@ -265,18 +256,11 @@ def _load_from_checkpoint(path: Path, kind: str, tokenizer: Optional[str]) -> tu
 
 def _load_adapter_checkpoint(cfg: Any, model_config: Any, kind: str, weights: list[Path],
                              tokenizer: Optional[str]) -> tuple[Any, Any, str]:
-    from safetensors.torch import load_file
-
     from train.modeling.adapters import build_run_model
     from train.modeling.models import load_tokenizer
 
     model = build_run_model(cfg, model_config, kind)
-    state = {}
-    for file in weights:
-        try:
-            state.update(load_file(str(file)))
-        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
-            raise ConfigError(f"{file} is damaged ({err}); evaluate an earlier checkpoint or the run's final/ export.") from None
+    state = _read_checkpoint_weights(weights)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     if set(state) != trainable:
         raise ConfigError(f"{weights[0].parent}: the checkpoint does not hold this run's adapter "
@@ -284,6 +268,19 @@ def _load_adapter_checkpoint(cfg: Any, model_config: Any, kind: str, weights: li
     model.load_state_dict(state, strict=False)
     cfg.model.tokenizer = tokenizer or cfg.model.tokenizer
     return model.merge_and_unload(), load_tokenizer(cfg.model), kind
+
+
+def _read_checkpoint_weights(weights: list[Path]) -> dict:
+    """Every tensor of a checkpoint's ``accelerate/model*.safetensors`` files; a damaged file is a ConfigError."""
+    from safetensors.torch import load_file
+
+    state = {}
+    for file in weights:
+        try:
+            state.update(load_file(str(file)))
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+            raise ConfigError(f"{file} is damaged ({err}); evaluate an earlier checkpoint or the run's final/ export.") from None
+    return state
 
 
 def _restore_tied(model: Any, state: dict) -> None:

@@ -28,11 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-import yaml
-
-from train.config import _coerce, parse_override
+from train.config import _coerce, parse_override, read_yaml
 from train.errors import ConfigError
-from train.yamlfile import load_yaml
 
 METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -225,21 +222,8 @@ def apply_merge_overrides(data: dict, overrides: list[str]) -> dict:
 
 def read_merge_yaml(path: str | Path) -> dict:
     """The merge file as a mapping (safe loader, duplicate keys refused); errors name the file and the fix."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"merge config {path} does not exist. Pass a YAML file such as configs/merges/tfew_tiny_ties.yaml.")
-    try:
-        data = load_yaml(path.read_text(encoding="utf-8"), str(path))
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: invalid YAML: {err}. Fix the syntax at the line shown.") from None
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"{path}: not UTF-8 text ({err}). Save the file as UTF-8.") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping (base_model, models, method, parameters, dtype, "
-                          f"output_dir), not {type(data).__name__}.")
-    return data
+    return read_yaml(path, what="merge config", example="configs/merges/tfew_tiny_ties.yaml",
+                     top_level="a mapping (base_model, models, method, parameters, dtype, output_dir)")
 
 
 def load_merge_config(path: str | Path | None, overrides: Optional[list[str]] = None) -> MergeConfig:
