@@ -74,7 +74,11 @@ def test_three_shards_merged_equal_the_whole_run(hf_model, whole, tmp_path):
     pairs = mixture_pairs(DEMO_EVAL)
     accuracies = [row["accuracy"] for row in whole["templates"]["super_glue/copa"].values()]
     assert len(accuracies) == 12 and len(set(accuracies)) > 1  # a random model: templates really differ
-    assert whole["meta"]["shard"] is None and whole["meta"]["num_examples"] == 12 * CAP
+    # The cap takes the first CAP rows of the dataset before rendering: templates that apply to every row score
+    # CAP examples, COPA's cause-only / effect-only ones the subset of those rows they apply to.
+    scored = [row["n"] for row in whole["templates"]["super_glue/copa"].values()]
+    assert max(scored) == CAP and 0 < min(scored) < CAP
+    assert whole["meta"]["shard"] is None and whole["meta"]["num_examples"] == sum(scored)
 
     paths = []
     for index in range(3):
@@ -90,7 +94,8 @@ def test_three_shards_merged_equal_the_whole_run(hf_model, whole, tmp_path):
         assert merged["datasets"]["super_glue/copa"]["median"] == whole["datasets"]["super_glue/copa"]["median"]
         assert merged["datasets"] == whole["datasets"] and merged["clusters"] == whole["clusters"]
         assert merged["clusters"]["sentence_completion"]["datasets"] == ["super_glue/copa"]
-        assert merged["meta"]["num_examples"] == 12 * CAP and merged["meta"]["kind"] == "encdec"
+        assert merged["meta"]["num_examples"] == sum(scored) and merged["meta"]["kind"] == "encdec"
+        assert merged["scoring"] == whole["scoring"]  # the convention, and the prompt set joined over the shards
 
     # the CLI: writes the merged JSON; a missing shard exits 2 naming its pairs and its array index
     out = tmp_path / "results.json"
@@ -214,3 +219,24 @@ def test_local_real_eval_sets_report_per_template_accuracy_and_dataset_medians(h
         assert 0.0 <= summary["median"] <= 1.0
         for row in results["templates"][name].values():
             assert row["n"] == 2 and 0.0 < row["chance"] < 1.0
+
+
+def test_the_cap_is_applied_before_rendering_and_agrees_with_the_training_evaluator(hf_model, whole):
+    """``--max-examples-per-template N`` renders only rows 0..N-1; the evaluator given every rendered row and the same
+    cap (what a capped eval during training does) keeps exactly those examples, so both score the same thing."""
+    from transformers import AutoTokenizer
+
+    from train.evaluation.evaluator import ZeroShotEvaluator
+    from train.evaluation.runner import load_examples
+
+    capped, _, _ = load_examples(DEMO_EVAL, max_examples_per_template=CAP)
+    every, _, _ = load_examples(DEMO_EVAL)
+    assert {ex["example_index"] for ex in capped} == set(range(CAP))  # only the first CAP source rows were rendered
+    assert len(every) > 10 * len(capped)
+    tok = AutoTokenizer.from_pretrained(hf_model[0])
+    a = ZeroShotEvaluator(tok, capped, kind="encdec")
+    b = ZeroShotEvaluator(tok, every, kind="encdec", max_examples_per_template=CAP)
+    assert [(i.prompt_ids, i.choice_ids, i.gold) for i in a.rank_items] == \
+        [(i.prompt_ids, i.choice_ids, i.gold) for i in b.rank_items]
+    assert {k: len(g.indices) for k, g in a.groups.items()} == {k: len(g.indices) for k, g in b.groups.items()}
+    assert sum(len(g.indices) for g in a.groups.values()) == whole["meta"]["num_examples"]

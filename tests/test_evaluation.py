@@ -312,7 +312,9 @@ def test_write_results_and_table(tmp_path, tok, models):
     path = er.write_results(tmp_path / "sub" / "eval.json", res)
     assert json.loads(path.read_text()) == json.loads(json.dumps(res))
     table = er.format_results_table(res)
-    header = table.splitlines()[0]
+    scoring, header = table.splitlines()[:2]
+    assert scoring.startswith("scoring t0: choices end with eos, separator ''")  # the convention heads the table
+    assert res["scoring"]["name"] == "t0" and res["scoring"]["choice_eos"] is True
     assert "chance" in header and "len-norm" in header
     # d1/a has choices 2, 4 and 3 -> chance = mean(1/2, 1/4, 1/3)
     line = next(l for l in table.splitlines() if l.startswith("d1") and " a " in l)

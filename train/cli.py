@@ -108,7 +108,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                batch_size=args.batch_size, max_examples_per_template=args.max_examples_per_template,
                                output=args.output, shard=args.shard, base_model=args.base_model,
                                protocol=args.protocol, protocol_seeds=args.protocol_seeds,
-                               length_normalized=args.length_normalized)
+                               length_normalized=args.length_normalized, scoring=args.scoring,
+                               choice_eos=args.choice_eos, choice_separator=args.choice_separator)
     if results is not None:
         if args.json:
             _print_json(results)
@@ -299,6 +300,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol-seeds", type=positive_int, default=5, help="tfew: seeds 0..N-1 (default 5)")
     p.add_argument("--length-normalized", action="store_true", help="score rank classification by the mean token "
                    "log-probability of each choice (T-Few) instead of the sum (T0)")
+    p.add_argument("--scoring", choices=["t0", "lm-eval"], default="t0", help="how prompts and answer choices become "
+                   "tokens: t0 (default, as training: every choice ends with eos) or lm-eval (lm-evaluation-harness's "
+                   "loglikelihood requests: no eos, ' ' + choice tokenized with the prompt for decoders); recorded in "
+                   "the results' `scoring`")
+    p.add_argument("--choice-eos", action=argparse.BooleanOptionalAction, default=None,
+                   help="override the convention: end every answer choice with eos, or not")
+    p.add_argument("--choice-separator", default=None, help="override the convention: text between prompt and "
+                   "choice (t0: '' for encoder-decoders, ' ' for decoders; lm-eval: ' ')")
     p.add_argument("--json", action="store_true")
 
     p = add("eval-merge", "Merge `mtf eval --shard` result files into one results JSON (same format as a single run): "

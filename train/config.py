@@ -146,6 +146,9 @@ class EvalConfig:
     protocol: Literal["t0", "tfew"] = "t0"  # t0: median over templates; tfew: median over seeds, one random template per example
     protocol_seeds: int = 5  # tfew: seeds 0..N-1
     length_normalized: bool = False  # rank classification scored by mean (not summed) token log-probability (T-Few)
+    scoring: Literal["t0", "lm-eval"] = "t0"  # how prompt + choice become tokens: t0 (choices end with eos) or lm-eval (harness)
+    choice_eos: Optional[bool] = None  # override the scoring convention's choice eos (None: the convention's)
+    choice_separator: Optional[str] = None  # override its prompt-choice separator (None: the convention's)
 
 
 @dataclass

@@ -116,8 +116,13 @@ def _names(value: Any, where: str) -> list[str]:
     return list(value)
 
 
-def load_eval_examples(mixture: str, *, data_root: Optional[str] = None, cache_dir: Optional[str] = None) -> tuple[list[dict], dict, dict]:
-    """(prompted examples, dataset -> cluster, dataset -> language) of every task of an eval mixture."""
+def load_eval_examples(mixture: str, *, data_root: Optional[str] = None, cache_dir: Optional[str] = None,
+                       max_examples: Optional[int] = None) -> tuple[list[dict], dict, dict]:
+    """(prompted examples, dataset -> cluster, dataset -> language) of every task of an eval mixture.
+
+    ``max_examples``: render only the first that many rows of each task (a per-template cap applied before
+    rendering, so its cost follows the cap).
+    """
     from train.data.tasks import load_task_file
 
     task_file = load_task_file(mixture, data_root=data_root)
@@ -130,7 +135,7 @@ def load_eval_examples(mixture: str, *, data_root: Optional[str] = None, cache_d
             clusters[dataset] = task.metadata.cluster
         if task.metadata.language:
             languages[dataset] = task.metadata.language
-        examples.extend(dict(row) for row in task.prompted(cache_dir=cache_dir))
+        examples.extend(task.prompted(max_examples, cache_dir=cache_dir).to_list())
     if not examples:
         raise DataError(f"{mixture}: the eval mixture produced no examples; check its tasks' data files and templates.")
     return examples, clusters, languages

@@ -17,7 +17,7 @@ import torch
 
 from train.evaluation.distributed import DistContext, is_zero3
 from train.evaluation.generation import generate_predictions
-from train.evaluation.items import build_eval_items
+from train.evaluation.items import SCORINGS, Scoring, build_eval_items
 from train.evaluation.metrics import generation_metrics
 from train.evaluation.results import DEFAULT_PROTOCOL_SEEDS, aggregate, check_protocol, mean_or_none
 from train.evaluation.scoring import ChoiceScores, score_rank_items
@@ -35,12 +35,17 @@ class ZeroShotEvaluator:
         clusters: optional mapping dataset -> task cluster (nli, coreference, ...). An example's own
             "cluster" key is used when the mapping lacks the dataset.
         languages: optional mapping dataset -> language; else the example's "language" key, else "en".
-        max_examples_per_template: keep only the first N examples of each (dataset, template).
+        max_examples_per_template: keep only the examples of the first N source rows (``example_index`` < N;
+            without it, the first N examples) of each (dataset, template).
         max_input_tokens: truncate long prompts (encdec keeps the first tokens + eos, decoder kinds keep
             the last ones, next to the answer). None = no truncation.
         protocol: "t0" (median over templates) or "tfew" (median over ``protocol_seeds`` seeds of one random
             template per example); see :func:`train.evaluation.results.aggregate`.
         length_normalized: the length-normalised rank-classification accuracy is the headline score.
+        scoring: how prompts and answer choices are tokenized (:class:`train.evaluation.items.Scoring`:
+            T0's convention, lm-evaluation-harness's, or a variant); recorded as the results' ``scoring``.
+        prompts: optional description of the prompt set (template files and their hashes), recorded under
+            ``scoring.prompts``.
 
     Raises:
         ConfigError: unknown kind, tokenizer without eos, unknown protocol or seeds < 1.
@@ -61,12 +66,15 @@ class ZeroShotEvaluator:
         protocol: str = "t0",
         protocol_seeds: int = DEFAULT_PROTOCOL_SEEDS,
         length_normalized: bool = False,
+        scoring: Scoring = SCORINGS["t0"],
+        prompts: Mapping[str, Any] | None = None,
     ):
         check_protocol(protocol, protocol_seeds)
         self.protocol, self.protocol_seeds, self.length_normalized = protocol, protocol_seeds, length_normalized
+        self.scoring = dict(scoring.describe(kind, length_normalized), prompts=dict(prompts) if prompts else None)
         items = build_eval_items(tokenizer, examples_by_task, kind=kind, metrics=metrics, clusters=clusters,
                                  languages=languages, max_examples_per_template=max_examples_per_template,
-                                 max_input_tokens=max_input_tokens)
+                                 max_input_tokens=max_input_tokens, scoring=scoring)
         self.tokenizer = tokenizer
         self.kind = kind
         self.eos = int(tokenizer.eos_token_id)
@@ -128,6 +136,7 @@ class ZeroShotEvaluator:
         all_scores = {i: s for i, s, _ in gathered if s is not None}
         all_preds = {i: p for i, _, p in gathered if p is not None}
         results = self._results(all_scores, all_preds)
+        results["scoring"] = self.scoring
         results["meta"] = {
             "kind": self.kind,
             "num_processes": dist.world_size,
@@ -197,11 +206,13 @@ def evaluate(
     protocol: str = "t0",
     protocol_seeds: int = DEFAULT_PROTOCOL_SEEDS,
     length_normalized: bool = False,
+    scoring: Scoring = SCORINGS["t0"],
+    prompts: Mapping[str, Any] | None = None,
 ) -> dict:
     """One-shot zero-shot evaluation (tokenize + score + aggregate). See :class:`ZeroShotEvaluator`.
 
     Returns:
-        ``{"protocol": {...}, "templates": {dataset: {template: row}}, "datasets": {...}, "clusters": {...},
+        ``{"protocol": {...}, "scoring": {...}, "templates": {dataset: {template: row}}, "datasets": {...}, "clusters": {...},
         "languages": {...}, "meta": {...}}``; each template row has n, skipped, accuracy and
         accuracy_length_normalized (or generation metrics), chance, score and, for rank classification,
         per_example.
@@ -210,6 +221,7 @@ def evaluate(
         tokenizer, examples_by_task, kind=kind, metrics=metrics, clusters=clusters, languages=languages,
         max_examples_per_template=max_examples_per_template, max_input_tokens=max_input_tokens,
         protocol=protocol, protocol_seeds=protocol_seeds, length_normalized=length_normalized,
+        scoring=scoring, prompts=prompts,
     )
     return evaluator(
         model, accelerator=accelerator, batch_size=batch_size, max_tokens_per_batch=max_tokens_per_batch,

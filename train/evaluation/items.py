@@ -1,10 +1,24 @@
 """Prompted eval examples -> tokenized items: one :class:`RankItem` per example with answer choices, one
 :class:`GenItem` per example scored on generated text, grouped by (dataset, template).
 
-Tokens are laid out exactly as training produced them:
+How a prompt and an answer choice become tokens is the *scoring convention* (:class:`Scoring`), recorded in
+every results JSON. Two are built in:
+
+``t0`` (the default; how T0 scored, and how this stack trains):
 
     encdec            encoder input = tokens(inputs) + [eos]     choice = tokens(choice) + [eos]
     decoder/prefix_lm prompt        = tokens(inputs)             choice = tokens(" " + choice) + [eos]
+
+``lm-eval`` (lm-evaluation-harness's ``loglikelihood(context, continuation)`` with its HF model class, the
+continuation being ``" " + choice``, its default ``target_delimiter``):
+
+    encdec            encoder input = tokenizer(inputs)          choice = tokens(" " + choice)
+                      (the tokenizer's own special tokens: T5's appends eos)
+    decoder/prefix_lm whole = tokenizer(inputs + " " + choice);  prompt = tokenizer(inputs);
+                      choice = whole[len(prompt):]   (tokenized together, then split; a trailing space of
+                      the prompt moves to the choice; BOS only where the tokenizer adds it)
+
+The choice's eos (``choice_eos``) and the separator (``choice_separator``) can also be set on their own.
 
 Every example is validated before anything is tokenized, so a contract violation fails here and never
 midway through scoring. Examples that cannot be scored are counted per (dataset, template) under a
@@ -19,7 +33,8 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from typing import Optional
 
 from train.errors import ConfigError, DataError
 from train.evaluation.metrics import GENERATION_METRICS
@@ -32,6 +47,63 @@ SKIP_NO_CHOICES = "no_answer_choices"
 SKIP_GOLD_NOT_IN_CHOICES = "gold_not_in_choices"
 SKIP_NO_TARGETS = "no_targets"
 SKIP_UNSUPPORTED_METRIC = "unsupported_metric"
+SKIP_EMPTY_CHOICE = "empty_choice_tokens"  # a choice with no token to score (no eos, empty text)
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How a prompt and its answer choices are tokenized for rank classification (see the module docstring).
+
+    Attributes:
+        name: "t0", "lm-eval", or "custom" once a field is changed from its preset.
+        choice_eos: every answer choice ends with eos (T0; the model is trained to end its answers so).
+        choice_separator: text put between prompt and choice; None = the preset's per-kind default
+            (t0: "" for encdec, " " for decoders; lm-eval: " " for both).
+        joint_tokenization: decoder choices are tokenized with their prompt and split off (the harness),
+            not on their own.
+        tokenizer_special_tokens: prompts get the tokenizer's own special tokens (BOS, T5's eos) instead of
+            this stack's (encdec: + eos; decoder: none).
+    """
+
+    name: str = "t0"
+    choice_eos: bool = True
+    choice_separator: Optional[str] = None
+    joint_tokenization: bool = False
+    tokenizer_special_tokens: bool = False
+
+    def separator(self, kind: str) -> str:
+        if self.choice_separator is not None:
+            return self.choice_separator
+        return "" if kind == "encdec" and self.name == "t0" else " "
+
+    def describe(self, kind: str, length_normalized: bool = False) -> dict:
+        """The ``scoring`` entry of a results JSON: every setting, resolved for ``kind``."""
+        out = asdict(self)
+        out.update(choice_separator=self.separator(kind), kind=kind,
+                   score="mean token log-probability (length-normalised)" if length_normalized
+                   else "summed token log-probability")
+        return out
+
+
+SCORINGS = {"t0": Scoring(), "lm-eval": Scoring("lm-eval", choice_eos=False, joint_tokenization=True,
+                                                tokenizer_special_tokens=True)}
+
+
+def resolve_scoring(name: str = "t0", *, choice_eos: Optional[bool] = None,
+                    choice_separator: Optional[str] = None) -> Scoring:
+    """A preset (``t0`` | ``lm-eval``) with optional overrides; a changed preset is named "custom".
+
+    Raises:
+        ConfigError: an unknown preset.
+    """
+    if name not in SCORINGS:
+        raise ConfigError(f"unknown scoring convention {name!r}; valid: {', '.join(SCORINGS)} (eval.scoring / "
+                          "mtf eval --scoring). t0 ends every answer choice with eos as training does; lm-eval "
+                          "reproduces lm-evaluation-harness's loglikelihood requests.")
+    preset = SCORINGS[name]
+    changed = {k: v for k, v in (("choice_eos", choice_eos), ("choice_separator", choice_separator))
+               if v is not None and v != getattr(preset, k)}
+    return replace(preset, name="custom", **changed) if changed else preset
 
 
 @dataclass
@@ -41,7 +113,7 @@ class RankItem:
     Attributes:
         index: position of the example in the flattened evaluation list (global, same on every rank).
         prompt_ids: encoder input (encdec) or prompt tokens (decoder / prefix_lm).
-        choice_ids: one token list per answer choice, each ending with eos.
+        choice_ids: one token list per answer choice (ending with eos under the t0 convention).
         gold: indices of the choices that count as correct (targets[0] first).
     """
 
@@ -101,35 +173,82 @@ def _normalize_metric_names(names: Iterable[str] | None) -> list[str]:
 
 
 class _Encoder:
-    """Prompt and choice token ids for one model kind, each distinct text tokenized once."""
+    """Prompt and choice token ids for one model kind and scoring convention.
 
-    def __init__(self, tokenizer, kind: str, max_input_tokens: int | None):
-        self.tokenizer, self.kind, self.max_input_tokens = tokenizer, kind, max_input_tokens
+    Every distinct text is tokenized once, and all texts of an eval set in one batched tokenizer call
+    (:meth:`prepare`): the fast tokenizers encode a batch in parallel, which is several times faster than
+    one call per text.
+    """
+
+    def __init__(self, tokenizer, kind: str, max_input_tokens: int | None, scoring: Scoring):
+        self.tokenizer, self.kind, self.max_input_tokens, self.scoring = tokenizer, kind, max_input_tokens, scoring
         self.eos = int(tokenizer.eos_token_id)
         bos = getattr(tokenizer, "bos_token_id", None)
         self.bos = int(bos) if bos is not None else self.eos
-        self.cache: dict[str, list[int]] = {}
+        self.separator = scoring.separator(kind)
+        self.cache: dict[tuple[str, bool], list[int]] = {}
 
-    def _encode(self, text: str) -> list[int]:
-        ids = self.cache.get(text)
+    def prepare(self, examples: Sequence[dict]) -> None:
+        """Tokenize every prompt and choice text of ``examples`` in batched calls."""
+        wanted: dict[tuple[str, bool], None] = {}
+        for ex in examples:
+            prompt = str(ex["inputs"])
+            wanted[self._prompt_text(prompt)] = None
+            for choice in ex.get("answer_choices") or ():
+                for key in self._choice_texts(prompt, str(choice)):
+                    wanted[key] = None
+        for specials in (False, True):
+            todo = [text for text, sp in wanted if sp is specials and (text, sp) not in self.cache]
+            if todo:
+                encoded = self.tokenizer(todo, add_special_tokens=specials)["input_ids"]
+                self.cache.update(((text, specials), list(ids)) for text, ids in zip(todo, encoded))
+
+    def _encode(self, key: tuple[str, bool]) -> list[int]:
+        ids = self.cache.get(key)
         if ids is None:
-            ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-            self.cache[text] = ids
+            text, specials = key
+            ids = self.cache[key] = list(self.tokenizer(text, add_special_tokens=specials)["input_ids"])
         return ids
 
+    def _split(self, prompt: str, choice: str) -> tuple[str, str]:
+        """(context, continuation); under joint tokenization the prompt's trailing whitespace joins the choice."""
+        continuation = self.separator + choice
+        if not self.scoring.joint_tokenization:
+            return prompt, continuation
+        context = prompt.rstrip()
+        return context, prompt[len(context):] + continuation
+
+    def _prompt_text(self, prompt: str) -> tuple[str, bool]:
+        return self._split(prompt, "")[0], self.scoring.tokenizer_special_tokens
+
+    def _choice_texts(self, prompt: str, choice: str) -> list[tuple[str, bool]]:
+        """The texts whose tokens make a choice: (context + continuation, context) or (continuation,)."""
+        context, continuation = self._split(prompt, choice)
+        if self.kind != "encdec" and self.scoring.joint_tokenization and context:
+            specials = self.scoring.tokenizer_special_tokens
+            return [(context + continuation, specials), (context, specials)]
+        return [(continuation, False)]
+
     def prompt(self, text: str) -> list[int]:
-        ids, cap = self._encode(text), self.max_input_tokens
+        ids, cap = self._encode(self._prompt_text(text)), self.max_input_tokens
         if self.kind == "encdec":
-            if cap is not None:
-                ids = ids[: max(cap - 1, 0)]
-            return ids + [self.eos]
+            if not self.scoring.tokenizer_special_tokens:
+                ids = ids + [self.eos]
+            if cap is not None and len(ids) > cap:
+                ids = ids[: max(cap - 1, 0)] + ids[-1:]  # the start of the prompt and its final (eos) token
+            return ids
         if cap is not None and len(ids) > cap:
             ids = ids[len(ids) - cap :]  # decoders keep the end of the prompt, next to the answer
         # A decoder needs at least one prompt position to predict the first choice token from.
         return ids if ids else [self.bos]
 
-    def choice(self, text: str) -> list[int]:
-        return self._encode(text if self.kind == "encdec" else " " + text) + [self.eos]
+    def choice(self, text: str, prompt: str) -> list[int]:
+        texts = self._choice_texts(prompt, text)
+        if len(texts) == 2:  # tokenized with the prompt, then split off it (the harness's decoder requests)
+            ids = self._encode(texts[0])[len(self._encode(texts[1])):]
+        else:
+            ids = self._encode(texts[0])
+        return ids + [self.eos] if self.scoring.choice_eos else list(ids)
 
 
 def build_eval_items(
@@ -142,8 +261,13 @@ def build_eval_items(
     languages: Mapping[str, str] | None = None,
     max_examples_per_template: int | None = None,
     max_input_tokens: int | None = None,
+    scoring: Scoring = SCORINGS["t0"],
 ) -> EvalItems:
     """Validate and tokenize prompted eval examples (arguments: see :class:`ZeroShotEvaluator`).
+
+    ``max_examples_per_template`` keeps the examples of source rows ``0..N-1`` (``example_index``; the n-th
+    example of its (dataset, template) when absent): the rows ``mtf eval --max-examples-per-template N``
+    renders, so a capped eval during training scores what the command scores.
 
     Raises:
         ConfigError: unknown kind, tokenizer without eos.
@@ -162,16 +286,17 @@ def build_eval_items(
                 f"lacks {missing}; prompted examples need {list(REQUIRED_KEYS)} (+ answer_choices)"
             )
     metrics, clusters, languages = metrics or {}, dict(clusters or {}), dict(languages or {})
-    encoder = _Encoder(tokenizer, kind, max_input_tokens)
+    encoder = _Encoder(tokenizer, kind, max_input_tokens, scoring)
     out = EvalItems()
     cap = max_examples_per_template
+    encoder.prepare(examples if cap is None else _first_per_pair(examples, cap))
     for ex in examples:
         key = (str(ex["dataset"]), str(ex["template"]))
         group = out.groups.get(key)
         if group is None:
             group = out.groups[key] = EvalGroup(key[0], key[1], str(ex.get("task", f"{key[0]}/{key[1]}")))
         position = len(group.indices) + sum(group.skipped.values())  # examples of this pair before this one
-        if cap is not None and position >= cap:
+        if cap is not None and _row(ex, position) >= cap:
             continue
         dataset = key[0]
         if dataset not in out.cluster_of:
@@ -189,8 +314,12 @@ def build_eval_items(
                 group.skipped[SKIP_GOLD_NOT_IN_CHOICES] += 1
                 continue
             gold = sorted({stripped.index(t.strip()) for t in targets if t.strip() in stripped})
-            out.rank_items.append(RankItem(index, encoder.prompt(str(ex["inputs"])),
-                                           [encoder.choice(c) for c in choices], gold))
+            prompt = str(ex["inputs"])
+            choice_ids = [encoder.choice(c, prompt) for c in choices]
+            if not all(choice_ids):
+                group.skipped[SKIP_EMPTY_CHOICE] += 1
+                continue
+            out.rank_items.append(RankItem(index, encoder.prompt(prompt), choice_ids, gold))
             group.num_choices.append(len(choices))
         else:
             names = _normalize_metric_names(ex.get("metrics") or metrics.get(f"{key[0]}/{key[1]}") or metrics.get(key[0]))
@@ -214,4 +343,22 @@ def build_eval_items(
             "needs answer_choices containing targets[0]; generation needs template metrics "
             f"(one of {sorted(GENERATION_METRICS)})"
         )
+    return out
+
+
+def _row(ex: Mapping, position: int) -> int:
+    """The example's source row (``example_index``), else its position within its (dataset, template)."""
+    row = ex.get("example_index")
+    return position if row is None else int(row)
+
+
+def _first_per_pair(examples: Sequence[dict], cap: int) -> list[dict]:
+    """The examples a capped eval keeps at most (see :func:`build_eval_items`)."""
+    seen: Counter = Counter()
+    out = []
+    for ex in examples:
+        key = (ex["dataset"], ex["template"])
+        if _row(ex, seen[key]) < cap:
+            out.append(ex)
+        seen[key] += 1
     return out

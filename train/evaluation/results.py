@@ -248,6 +248,20 @@ def _fmt(value, pct: bool = True) -> str:
     return f"{100 * value:6.2f}" if pct else f"{value:6.2f}"
 
 
+def scoring_line(scoring: Mapping | None) -> str:
+    """One line naming the scoring convention: choice eos, separator, tokenization and the prompt set."""
+    if not scoring:  # results written before the convention was recorded: they used T0's
+        return "scoring t0 (not recorded in this file; files of that age all used it)"
+    tokenization = ("prompt and choice tokenized together, then split" if scoring.get("joint_tokenization")
+                    else "prompt and choice tokenized apart")
+    specials = "tokenizer's special tokens" if scoring.get("tokenizer_special_tokens") else "this stack's eos layout"
+    prompts = scoring.get("prompts") or {}
+    files = f"; prompts: {len(prompts)} template files ({', '.join(sorted(prompts)[:3])}{', ...' if len(prompts) > 3 else ''})" \
+        if prompts else ""
+    return (f"scoring {scoring['name']}: choices {'end with eos' if scoring.get('choice_eos') else 'without eos'}, "
+            f"separator {scoring.get('choice_separator')!r}, {tokenization}, {specials}{files}")
+
+
 def format_results_table(results: Mapping) -> str:
     """A fixed-width table: one line per template, then one summary line per dataset.
 
@@ -258,7 +272,7 @@ def format_results_table(results: Mapping) -> str:
         f"{'dataset':<28} {'template':<36} {'n':>5} {'skip':>5} {'metric':<12} "
         f"{'score':>7} {'len-norm':>8} {'chance':>7}"
     )
-    lines = [head, "-" * len(head)]
+    lines = [scoring_line(results.get("scoring")), head, "-" * len(head)]
     for dataset in sorted(results["templates"]):
         for template in sorted(results["templates"][dataset]):
             r = results["templates"][dataset][template]

@@ -103,11 +103,14 @@ def select_pairs(pairs: list[Pair], index: int, count: int, mixture: str = "the 
     return [pair for i, pair in enumerate(pairs) if i % count == index]
 
 
-def load_examples(mixture: str, pairs: Optional[list[Pair]] = None) -> tuple[list[dict], dict, dict]:
+def load_examples(mixture: str, pairs: Optional[list[Pair]] = None,
+                  max_examples_per_template: Optional[int] = None) -> tuple[list[dict], dict, dict]:
     """(prompted examples, dataset -> cluster, dataset -> language) of an eval mixture or of some of its pairs.
 
     With ``pairs``, only the tasks holding one of them are rendered and only those pairs' rows are kept,
-    in the order the whole mixture yields them (so a per-template cap keeps the same rows).
+    in the order the whole mixture yields them (so a per-template cap keeps the same rows). With
+    ``max_examples_per_template``, only the first that many rows of each task are rendered: rendering
+    time follows the cap, not the dataset size, and every template of a task sees the same rows.
 
     Raises:
         ConfigError / DataError: the mixture does not load or yields no example.
@@ -116,7 +119,7 @@ def load_examples(mixture: str, pairs: Optional[list[Pair]] = None) -> tuple[lis
     from train.data.tasks import load_task_file
 
     if pairs is None:
-        return load_eval_examples(mixture)
+        return load_eval_examples(mixture, max_examples=max_examples_per_template)
     wanted = set(pairs)
     examples: list[dict] = []
     clusters: dict[str, str] = {}
@@ -129,12 +132,37 @@ def load_examples(mixture: str, pairs: Optional[list[Pair]] = None) -> tuple[lis
             clusters[dataset] = task.metadata.cluster
         if task.metadata.language:
             languages[dataset] = task.metadata.language
-        examples.extend(dict(row) for row in task.prompted() if (row["dataset"], row["template"]) in wanted)
+        examples.extend(row for row in task.prompted(max_examples_per_template).to_list()
+                        if (row["dataset"], row["template"]) in wanted)
     if not examples:
         shown = ", ".join(f"{d}/{t}" for d, t in pairs)
         raise DataError(f"{mixture}: the shard's pairs ({shown}) produced no examples; check those tasks' data "
                         "files and templates (mtf tasks preview).")
     return examples, clusters, languages
+
+
+def prompt_files(mixture: str, pairs: Optional[list[Pair]] = None) -> dict[str, dict]:
+    """The prompt set of an eval mixture: ``{dataset: {"file", "sha256", "templates": [sorted names]}}``.
+
+    ``sha256`` is the first 16 hex digits of the templates file's bytes: two results with the same hash were
+    scored on the same prompt text.
+    """
+    import hashlib
+
+    from train.data.tasks import load_task_file
+
+    wanted = set(pairs) if pairs is not None else None
+    out: dict[str, dict] = {}
+    for task in load_task_file(mixture).tasks.values():
+        names = [t.name for t in task.select_templates()
+                 if wanted is None or (task.metadata.dataset, t.name) in wanted]
+        if not names:
+            continue
+        path = Path(task.select_templates()[0].file)
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
+        entry = out.setdefault(task.metadata.dataset, {"file": str(path), "sha256": digest, "templates": []})
+        entry["templates"] = sorted(set(entry["templates"]) | set(names))
+    return out
 
 
 # ------------------------------------------------------------------------------------------ models
@@ -307,10 +335,13 @@ def run_eval_command(*, model_dir: str, mixture: str, kind: str = "auto", tokeni
                      batch_size: int = 16, max_examples_per_template: Optional[int] = None,
                      output: Optional[str] = None, shard: Optional[str] = None,
                      base_model: Optional[str] = None, protocol: str = "t0",
-                     protocol_seeds: int = DEFAULT_PROTOCOL_SEEDS, length_normalized: bool = False) -> Optional[dict]:
+                     protocol_seeds: int = DEFAULT_PROTOCOL_SEEDS, length_normalized: bool = False,
+                     scoring: str = "t0", choice_eos: Optional[bool] = None,
+                     choice_separator: Optional[str] = None) -> Optional[dict]:
     """Evaluate ``model_dir`` on ``mixture`` (or on shard ``"I/N"`` of its pairs).
 
-    ``protocol``, ``protocol_seeds``, ``length_normalized``: see :func:`train.evaluation.results.aggregate`.
+    ``protocol``, ``protocol_seeds``, ``length_normalized``: see :func:`train.evaluation.results.aggregate`;
+    ``scoring``, ``choice_eos``, ``choice_separator``: see :func:`train.evaluation.items.resolve_scoring`.
 
     Returns:
         The results (see :func:`train.evaluation.results.aggregate`) with ``meta.model``, ``meta.mixture`` and
@@ -325,11 +356,13 @@ def run_eval_command(*, model_dir: str, mixture: str, kind: str = "auto", tokeni
     import torch
     from accelerate import Accelerator
 
+    from train.evaluation.items import resolve_scoring
     from train.evaluation.results import check_protocol, write_results
     from train.evaluation import evaluate
 
     # Check the protocol, shard and model path before rendering anything: a wrong array fails in seconds.
     check_protocol(protocol, protocol_seeds)
+    convention = resolve_scoring(scoring, choice_eos=choice_eos, choice_separator=choice_separator)
     shard_meta = None
     pairs = None
     if shard:
@@ -339,12 +372,13 @@ def run_eval_command(*, model_dir: str, mixture: str, kind: str = "auto", tokeni
     resolve_model_path(model_dir)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     with accelerator.main_process_first():
-        examples, clusters, languages = load_examples(mixture, pairs)
+        examples, clusters, languages = load_examples(mixture, pairs, max_examples_per_template)
     model, tok, resolved = load_model_for_eval(model_dir, kind, tokenizer, base_model)
     model.to(accelerator.device)
     results = evaluate(model, tok, examples, kind=resolved, batch_size=batch_size, accelerator=accelerator,
                        max_examples_per_template=max_examples_per_template, clusters=clusters, languages=languages,
-                       protocol=protocol, protocol_seeds=protocol_seeds, length_normalized=length_normalized)
+                       protocol=protocol, protocol_seeds=protocol_seeds, length_normalized=length_normalized,
+                       scoring=convention, prompts=prompt_files(mixture, pairs))
     results.setdefault("meta", {}).update({"model": str(model_dir), "mixture": str(mixture), "shard": shard_meta})
     if not accelerator.is_main_process:
         return None
@@ -528,5 +562,33 @@ def merge_results(paths: list[str], mixture: Optional[str] = None, *, protocol: 
         per_template = ordered
     name, seeds, ln = _merge_protocol(paths, docs, protocol, protocol_seeds, length_normalized)
     merged = aggregate(per_template, cluster_of, language_of, protocol=name, protocol_seeds=seeds, length_normalized=ln)
+    scoring = _merged_scoring(paths, docs)
+    if scoring is not None:
+        merged["scoring"] = {**scoring, "score": "mean token log-probability (length-normalised)" if ln
+                             else "summed token log-probability"}
     merged["meta"] = _merged_meta(paths, docs)
     return merged
+
+
+def _merged_scoring(paths: list[str], docs: list[dict]) -> Optional[dict]:
+    """The shards' common scoring convention, with their prompt sets joined.
+
+    Raises:
+        DataError: shards tokenized under different conventions (scores that cannot be pooled).
+    """
+    seen = {path: {k: v for k, v in (doc.get("scoring") or {}).items() if k not in ("prompts", "score")}
+            for path, doc in zip(paths, docs)}
+    distinct = {json.dumps(v, sort_keys=True) for v in seen.values()}
+    if len(distinct) > 1:
+        listed = "; ".join(f"{p}: {v.get('name', 'not recorded')} {v}" for p, v in seen.items())
+        raise DataError(f"the shard results were scored under different conventions ({listed}); rerun the stale "
+                        "shards with the same --scoring / --choice-eos / --choice-separator.")
+    first = next((doc.get("scoring") for doc in docs if doc.get("scoring")), None)
+    if first is None:
+        return None
+    prompts: dict = {}
+    for doc in docs:
+        for dataset, entry in ((doc.get("scoring") or {}).get("prompts") or {}).items():
+            into = prompts.setdefault(dataset, {**entry, "templates": []})
+            into["templates"] = sorted(set(into["templates"]) | set(entry.get("templates", [])))
+    return {**first, "prompts": prompts or None}

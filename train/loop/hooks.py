@@ -220,13 +220,16 @@ class EvalHook:
     def _evaluator(self, ctx: TrainContext, cap: Optional[int]):
         if cap not in self.evaluators:
             from train.evaluation.evaluator import ZeroShotEvaluator
+            from train.evaluation.items import resolve_scoring
 
             examples, clusters, languages = self.eval_set
             self.evaluators[cap] = ZeroShotEvaluator(ctx.tokenizer, examples, kind=ctx.kind, metrics=None, clusters=clusters,
                                                      languages=languages, max_examples_per_template=cap,
                                                      max_input_tokens=None, protocol=self.cfg.protocol,
                                                      protocol_seeds=self.cfg.protocol_seeds,
-                                                     length_normalized=self.cfg.length_normalized)
+                                                     length_normalized=self.cfg.length_normalized,
+                                                     scoring=resolve_scoring(self.cfg.scoring, choice_eos=self.cfg.choice_eos,
+                                                                             choice_separator=self.cfg.choice_separator))
         return self.evaluators[cap]
 
     def run(self, ctx: TrainContext, final: bool) -> Optional[dict]:
