@@ -240,3 +240,32 @@ def test_the_cap_is_applied_before_rendering_and_agrees_with_the_training_evalua
         [(i.prompt_ids, i.choice_ids, i.gold) for i in b.rank_items]
     assert {k: len(g.indices) for k, g in a.groups.items()} == {k: len(g.indices) for k, g in b.groups.items()}
     assert sum(len(g.indices) for g in a.groups.values()) == whole["meta"]["num_examples"]
+
+
+@requires_shared
+def test_anli_rounds_are_reported_separately(hf_model, tmp_path):
+    """t0_eval.yaml's layout (one task and one dataset per ANLI round, same templates): ``mtf eval`` reports r1, r2
+    and r3 as three datasets with their own medians instead of pooling them (and capping the pool from r1)."""
+    from conftest import SHARED_DATA
+
+    rows = [{"uid": f"r{r}-{i}", "premise": f"Round {r} premise number {i} about a town.", "reason": "",
+             "hypothesis": f"The town in premise {i} is large.", "label": (i + r) % 3} for r in (1, 2, 3) for i in range(3)]
+    tasks = []
+    for r in (1, 2, 3):
+        path = tmp_path / f"dev_r{r}.jsonl"
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows if row["uid"].startswith(f"r{r}-")))
+        tasks.append(f"""  - name: anli_r{r}
+    source: {{type: jsonl, data_files: {{dev_r{r}: {path}}}}}
+    split: dev_r{r}
+    templates: {{file: {SHARED_DATA}/promptsource_templates/anli/templates.yaml, original_task: true}}
+    metadata: {{dataset: anli/r{r}, cluster: nli, language: en}}
+""")
+    mixture = tmp_path / "anli_eval.yaml"
+    mixture.write_text("tasks:\n" + "".join(tasks) + "eval:\n  held_out: [anli]\n  clusters: [nli]\n")
+    res = _run_mixture(hf_model[0], str(mixture))
+    assert sorted(res["datasets"]) == ["anli/r1", "anli/r2", "anli/r3"]
+    for r in (1, 2, 3):
+        summary = res["datasets"][f"anli/r{r}"]
+        assert summary["median"] is not None and summary["num_templates"] == len(res["templates"][f"anli/r{r}"]) > 1
+        assert all(row["n"] == 2 for row in res["templates"][f"anli/r{r}"].values())  # the cap, per round
+    assert res["clusters"]["nli"]["datasets"] == ["anli/r1", "anli/r2", "anli/r3"]
