@@ -274,11 +274,13 @@ def label(params: dict) -> str:
     return ",".join(f"{k}={v}" for k, v in params.items()) or "defaults"
 
 
-def write_merge_yaml(path: Path, method: str, params: dict, base: Path, experts: list[Path], output_dir: Path) -> Path:
-    """A merge config for ``mtf merge`` (the schema of configs/merges/*.yaml): the experts, weight 1 each."""
+def write_merge_yaml(path: Path, method: str, params: dict, base: Path, experts: list[Path], output_dir: Path,
+                     chosen_by: dict | None = None) -> Path:
+    """A merge config for ``mtf merge`` (the schema of configs/merges/*.yaml): the experts, weight 1 each;
+    ``chosen_by`` (the grid search behind ``params``) is copied into the output's ``merge_record.json``."""
     doc = {"base_model": str(base), "models": [{"model": str(e), "weight": 1.0} for e in experts],
            "method": method, **({"parameters": dict(params)} if params else {}), "dtype": "float32",
-           "output_dir": str(output_dir), "overwrite": True}
+           "output_dir": str(output_dir), "overwrite": True, **({"chosen_by": chosen_by} if chosen_by else {})}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("# written by scripts/merge_check.py\n" + yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
     return path
@@ -421,8 +423,13 @@ def run_all(args: argparse.Namespace) -> dict:
                 raise SystemExit(f"no chosen values for {method} in {previous}: run the grid stage first.")
             chosen = results["grid"][method]["chosen"]
             out_dir = work / f"merged_{method}"
+            search = results["grid"][method]
+            chosen_by = {"search": "grid", "split": "validation", "score": "mean over tasks of the median accuracy "
+                         "over templates", "validation_max_examples_per_template": args.validation_max_examples,
+                         "points": [{"parameters": p["parameters"], "validation": p["validation"], "score": p["score"]}
+                                    for p in search.get("points", [])]}
             config = write_merge_yaml(work / "merges" / f"{method}.yaml", method, chosen, work / "base" / "final",
-                                      experts, out_dir)
+                                      experts, out_dir, chosen_by)
             record, seconds = merge(f"merged_{method}", config, work / "logs" / f"merged_{method}.merge.log")
             results["grid"][method]["merge_record_parameters"] = record_parameters(record)
             results["grid"][method]["merge_seconds"] = round(seconds, 1)

@@ -20,7 +20,10 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-KEPT_SECTIONS = [("<!-- learning_check:begin -->", "<!-- learning_check:end -->")]
+# Sections written by their own, longer scripts (make learning-check, make merge-check, bench_eval_e2e.py):
+# kept as they are when this script rewrites the file.
+KEPT_SECTIONS = [(f"<!-- {name}:begin -->", f"<!-- {name}:end -->")
+                 for name in ("learning_check", "merge_check", "bench_eval_e2e")]
 
 
 def run(script: str, *args: str) -> dict:

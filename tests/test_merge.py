@@ -192,13 +192,15 @@ def test_ties_and_dare_merges_match_the_formulas_and_write_a_record(t5, tmp_path
     base, a, b = (_tensors(t5[k]) for k in ("base", "a", "b"))
     out, summary = _merge(tmp_path, "ties", base_model=str(t5["base"]), models=[
         {"model": str(t5["a"]), "weight": 1.0}, {"model": str(t5["b"]), "weight": 2.0, "density": 0.5}],
-        method="ties", parameters={"lambda": 0.8, "density": 0.3}, max_shard_mb=0.05)
+        method="ties", parameters={"lambda": 0.8, "density": 0.3}, max_shard_mb=0.05,
+        chosen_by={"search": "grid", "split": "validation", "points": [{"parameters": {"lambda": 0.8}, "score": 0.61}]})
     name = "encoder.block.0.layer.1.DenseReluDense.wo.weight"
     expected = ties(base[name], [a[name] - base[name], b[name] - base[name]], [1.0, 2.0], 0.8, [0.3, 0.5])
     assert torch.equal(_tensors(out)[name], expected)
     assert len(summary["files"]) > 1 and (out / "model.safetensors.index.json").is_file()
     record = json.loads((out / "merge_record.json").read_text())
     assert record["method"] == "ties" and record["parameters"] == {"lambda": 0.8, "density": 0.3}
+    assert record["chosen_by"]["points"] == [{"parameters": {"lambda": 0.8}, "score": 0.61}]  # how they were chosen
     assert [m["density"] for m in record["models"]] == [0.3, 0.5]
     weights = t5["a"] / "model.safetensors"
     assert record["models"][0]["files"][str(weights)] == hashlib.sha256(weights.read_bytes()).hexdigest()
@@ -430,10 +432,11 @@ def test_the_merge_loads_and_mtf_eval_scores_it(tmp_path, capsys):
     AcceleratorState._reset_state(True)
     PartialState._reset_state()
     try:
-        code = main(["eval", str(out), "--mixture", "data_mixtures/demo_eval.yaml", "--max-examples-per-template", "2",
+        code = main(["eval", str(out), "--mixture", "data_mixtures/demo_eval.yaml", "--max-examples-per-template", "5",
                      "--output", str(tmp_path / "eval.json")])
     finally:
         AcceleratorState._reset_state(True)
         PartialState._reset_state()
     assert code == 0, capsys.readouterr().err[-3000:]
+    # rows 0-4 hold both COPA questions (rows 0-3 are all "effect"), so the cause-only and effect-only templates score too
     assert len(json.loads((tmp_path / "eval.json").read_text())["templates"]["super_glue/copa"]) == 12

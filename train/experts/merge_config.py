@@ -77,6 +77,7 @@ class MergeConfig:
     output_dir: Optional[str] = None
     max_shard_mb: float = 2000.0  # output file size (MB = 10^6 bytes); one model.safetensors when it fits
     overwrite: bool = False  # replace an existing, non-empty output_dir
+    chosen_by: Any = None  # free-form record of how the parameters were chosen (e.g. a validation grid search)
 
     source: Optional[str] = field(default=None, metadata={"internal": True})
 

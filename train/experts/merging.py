@@ -393,6 +393,7 @@ def _summary(plan: MergePlan, stats: Optional[dict], seconds: float, dry_run: bo
     summary = {
         "method": cfg.method,
         "parameters": cfg.resolved_parameters(),
+        "chosen_by": cfg.chosen_by,
         "output_dir": str(cfg.output_dir),
         "dtype": cfg.dtype,
         "base_model": None if plan.base is None else {"model": cfg.base_model, "path": str(plan.base.path),
