@@ -4,7 +4,7 @@ equal the harness's own (its HF model class, ``HFLM.loglikelihood``) on the same
 Prompts are rendered from the shipped PromptSource COPA templates (``data_mixtures/demo_eval.yaml``): every
 choice is several tokens and, within an example, the two choices often share their first tokens ("The
 man ..."). The test asserts both properties are present, adds a prompt with trailing whitespace (the harness
-moves it into the continuation) and checks the scores both ways (≤ 1e-4), and that under the default t0
+moves it into the continuation) and one longer than T5's 512 positions, and checks the scores both ways (≤ 1e-4), and that under the default t0
 convention the scores differ by exactly the choices' eos.
 """
 
@@ -47,18 +47,21 @@ def copa() -> list[dict]:
     examples, _, _ = load_examples(str(REPO / "data_mixtures/demo_eval.yaml"), max_examples_per_template=ROWS)
     # One prompt that ends in whitespace: the harness moves it to the start of the continuation.
     examples.append({**examples[0], "inputs": examples[0]["inputs"] + "  ", "template": "trailing whitespace"})
+    # One prompt longer than T5's 512 positions (~750 tokens: the harness keeps its last 512; the decoders' 1024 fit).
+    examples.append({**examples[1], "inputs": " ".join([examples[1]["inputs"]] * 20), "template": "over-long"})
     return examples
 
 
 def _ours(model_dir: Path, examples: list[dict], scoring: str) -> tuple[list, list[tuple[str, str]], str]:
     """Per-choice summed log-probabilities from this stack, the (context, continuation) requests, the kind."""
     from train.evaluation.evaluator import ZeroShotEvaluator
-    from train.evaluation.items import resolve_scoring
+    from train.evaluation.items import harness_max_length, resolve_scoring
     from train.evaluation.runner import load_model_for_eval
     from train.evaluation.scoring import score_rank_items
 
     model, tok, kind = load_model_for_eval(str(model_dir))
-    evaluator = ZeroShotEvaluator(tok, examples, kind=kind, scoring=resolve_scoring(scoring))
+    cap = harness_max_length(model.config, tok) if scoring == "lm-eval" and kind == "encdec" else None  # as mtf eval
+    evaluator = ZeroShotEvaluator(tok, examples, kind=kind, scoring=resolve_scoring(scoring), max_input_tokens=cap)
     scores = score_rank_items(model.eval(), evaluator.rank_items, kind, batch_size=5, pad_id=evaluator.pad)
     assert len(evaluator.rank_items) == len(examples)  # nothing skipped: every request is compared
     flat, requests = [], []

@@ -167,31 +167,26 @@ class Template:
         return f"template {self.name!r} (id {self.id}) in {self.file}"
 
     def compile(self) -> None:
-        """Parse the Jinja sources once.
+        """Parse and compile the Jinja sources, once per distinct source text in this process.
 
         Raises:
             TemplateError: a syntax error or an unknown filter/test (naming file and template).
         """
         if self._compiled is not None:
             return
-        self.check()  # also catches unknown filters inside branches, which Jinja defers to runtime
-        try:
-            main = _ENV.from_string(self.jinja)
-        except jinja2.TemplateSyntaxError as e:  # includes TemplateAssertionError (unknown filter)
-            raise TemplateError(f"{self._where()}: Jinja error in `jinja` at line {e.lineno}: {e.message}. "
-                                f"Fix the template text.") from e
-        choices = None
-        if self.answer_choices is not None:
-            try:
-                choices = _ENV.from_string(self.answer_choices)
-            except jinja2.TemplateSyntaxError as e:
-                raise TemplateError(f"{self._where()}: Jinja error in `answer_choices`: {e.message}. "
-                                    f"Fix the template text.") from e
-        self._mutating = any(_names_mutator(source) for source in (self.jinja, self.answer_choices) if source)
-        self._static_choices = None
-        if choices is not None and not _has_jinja_syntax(self.answer_choices):
-            text = self._run(choices, {_RNG_VAR: None, _TRUNC_VAR: None}, "answer_choices")
-            self._static_choices = [_unescape_pipe(c.strip()) for c in text.split(ANSWER_SEPARATOR)]
+        key = (self.jinja, self.answer_choices)
+        cached = _COMPILED.get(key)
+        if cached is None:
+            asts = self._parse()  # one parse per source: checked, scanned for mutators, then compiled
+            mutating = any(_names_mutator(ast) for ast in asts.values())
+            compiled = {which: _ENV.from_string(ast) for which, ast in asts.items()}
+            main, choices = compiled["jinja"], compiled.get("answer_choices")
+            static = None
+            if choices is not None and not _has_jinja_syntax(self.answer_choices):
+                text = self._run(choices, {_RNG_VAR: None, _TRUNC_VAR: None}, "answer_choices")
+                static = [_unescape_pipe(c.strip()) for c in text.split(ANSWER_SEPARATOR)]
+            cached = _COMPILED[key] = (main, choices, mutating, static)
+        main, choices, self._mutating, self._static_choices = cached
         self._compiled = (main, choices)
 
     def check(self) -> None:
@@ -200,6 +195,16 @@ class Template:
         Raises:
             TemplateError: a syntax error, or a filter/test name the environment does not define.
         """
+        self._parse()
+
+    def _parse(self) -> dict[str, jinja2.nodes.Template]:
+        """The checked ASTs of ``jinja`` and ``answer_choices`` (when set).
+
+        Raises:
+            TemplateError: a syntax error, or a filter/test name the environment does not define (Jinja only
+                finds those inside untaken branches at runtime).
+        """
+        asts = {}
         for which, source in (("jinja", self.jinja), ("answer_choices", self.answer_choices)):
             if source is None:
                 continue
@@ -216,6 +221,8 @@ class Template:
                     hint = f" Did you mean {close[0]!r}?" if close else ""
                     raise TemplateError(f"{self._where()}: unknown {kind} {node.name!r} in `{which}` "
                                         f"(line {node.lineno}).{hint}")
+            asts[which] = ast
+        return asts
 
     def check_has_target(self) -> None:
         """Raises: TemplateError: the jinja has no ``|||``, so no row can render a target (lint and tasks call this)."""
@@ -374,9 +381,8 @@ class _LazyRandom:
         return self.rng
 
 
-def _names_mutator(source: str) -> bool:
-    """Whether a Jinja source names a mutating method: ``x.append(..)``, ``x['pop'](..)``, ``x|attr('update')``."""
-    ast = _ENV.parse(source)
+def _names_mutator(ast: jinja2.nodes.Template) -> bool:
+    """Whether a Jinja AST names a mutating method: ``x.append(..)``, ``x['pop'](..)``, ``x|attr('update')``."""
     return (any(node.attr in _MUTATORS for node in ast.find_all(jinja2.nodes.Getattr))
             or any(isinstance(node.value, str) and node.value in _MUTATORS for node in ast.find_all(jinja2.nodes.Const)))
 
@@ -425,6 +431,9 @@ def _make_environment() -> SandboxedEnvironment:
 # Built once and never mutated: all per-render state travels in the render context.
 _ENV = _make_environment()
 _GLOBALS = dict(_ENV.globals)
+# (jinja, answer_choices) -> (compiled jinja, compiled answer_choices, mutating, static choices): a template is
+# compiled once per process, not once per render batch (``datasets.map`` rebuilds Template objects per batch).
+_COMPILED: dict[tuple[str, Optional[str]], tuple] = {}
 
 
 # ---------------------------------------------------------------------------------------- collections

@@ -37,7 +37,8 @@ class ZeroShotEvaluator:
         languages: optional mapping dataset -> language; else the example's "language" key, else "en".
         max_examples_per_template: keep only the examples of the first N source rows (``example_index`` < N;
             without it, the first N examples) of each (dataset, template).
-        max_input_tokens: truncate long prompts (encdec keeps the first tokens + eos, decoder kinds keep
+        max_input_tokens: truncate long prompts (encdec keeps the first tokens + eos, or the last tokens under the
+            lm-eval convention, as the harness does; decoder kinds keep
             the last ones, next to the answer). None = no truncation.
         protocol: "t0" (median over templates) or "tfew" (median over ``protocol_seeds`` seeds of one random
             template per example); see :func:`train.evaluation.results.aggregate`.

@@ -85,6 +85,17 @@ class Scoring:
         return out
 
 
+def harness_max_length(model_config, tokenizer) -> int:
+    """The prompt length lm-evaluation-harness's HF model class allows: the model config's ``n_positions``,
+    ``max_position_embeddings`` or ``n_ctx``, else the tokenizer's ``model_max_length``, else 2048."""
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(model_config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    value = getattr(tokenizer, "model_max_length", None)
+    return value if isinstance(value, int) and 0 < value < 10**9 else 2048
+
+
 SCORINGS = {"t0": Scoring(), "lm-eval": Scoring("lm-eval", choice_eos=False, joint_tokenization=True,
                                                 tokenizer_special_tokens=True)}
 
@@ -232,8 +243,9 @@ class _Encoder:
     def prompt(self, text: str) -> list[int]:
         ids, cap = self._encode(self._prompt_text(text)), self.max_input_tokens
         if self.kind == "encdec":
-            if not self.scoring.tokenizer_special_tokens:
-                ids = ids + [self.eos]
+            if self.scoring.tokenizer_special_tokens:  # the harness keeps the end of an over-long encoder input
+                return ids[-cap:] if cap is not None and len(ids) > cap else ids
+            ids = ids + [self.eos]
             if cap is not None and len(ids) > cap:
                 ids = ids[: max(cap - 1, 0)] + ids[-1:]  # the start of the prompt and its final (eos) token
             return ids
