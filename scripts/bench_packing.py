@@ -159,8 +159,7 @@ def train_throughput(examples: list[dict], steps: int, vocab: int = 512, max_tok
     padded_batches, padded_tokens = [], []
     for i in range(0, len(singles) - 31, 32):  # 32 examples per step, padded to the longest
         chunk = singles[i : i + 32]
-        longest = max(len(r["input_ids"]) for r in chunk)
-        padded_batches.append(collate(chunk, "decoder", pad_id=0, max_tokens=longest))
+        padded_batches.append(collate(chunk, "decoder", pad_id=0, pad_to="longest", **caps))
         padded_tokens.append(sum(len(r["input_ids"]) for r in chunk))
     packed = run(packed_batches, packed_tokens)
     padded = run(padded_batches, padded_tokens)

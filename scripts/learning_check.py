@@ -19,8 +19,8 @@ Runs (each a real ``mtf train`` process, same seed; the arms share one token bud
 
 - ``learning``: the learning check itself, packed rows, ``token_mean`` loss (``--learning-steps``);
 - ``packed`` (token_mean), ``sequence_mean``, ``target_mean``: packed rows, one loss normalisation each;
-- ``unpacked_equal_examples``: one example per row (padded to the row capacity, as ``data.packing=false``
-  does), as many examples per step as the packed arm's average, same number of steps;
+- ``unpacked_equal_examples``: one example per row (each micro-batch padded to its longest row, as
+  ``data.packing=false`` does), as many examples per step as the packed arm's average, same number of steps;
 - ``unpacked_equal_time``: unpacked, the same rows per step as the packed arm, stopped after the packed
   arm's wall-clock (``trainer.max_time``); its last checkpoint is scored with ``mtf eval``.
 
@@ -322,7 +322,7 @@ def markdown(results: dict, machine: str, command: str) -> str:
                   "  and per target token weighted 1/len(target) (BLOOMZ); with global denominators the last two are the",
                   "  same number (train/modeling/losses.py): their step-10 losses agree to 7 digits, then float",
                   "  rounding compounds over the steps, so the gap between those two rows is this comparison's noise.",
-                  "- `unpacked_equal_examples`: `data.packing=false` (each row padded to the row capacity), as many",
+                  "- `unpacked_equal_examples`: `data.packing=false` (each micro-batch padded to its longest row), as many",
                   "  examples per step as `packed` saw on average, same steps: the time packing saves.",
                   "- `unpacked_equal_time`: unpacked, the same rows per step as `packed`, stopped after `packed`'s",
                   "  training-step time: what the same compute buys without packing.",

@@ -6,6 +6,7 @@ through the model's own standard path.
 """
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
-from train.errors import DataError
+from train.errors import ConfigError, DataError
 from train.modeling.features import IGNORE_INDEX, collate, model_forward, reference_target_nll
 from train.modeling.losses import per_example_losses, token_nll
 from train.data.packing import Packer, build_row
@@ -252,3 +253,111 @@ def test_bf16_autocast_is_finite_and_close(make, kind):
         bf16 = token_nll(logits, batch["labels"])
     assert torch.isfinite(logits).all(), "padding rows must not produce NaN/inf"
     assert (fp32 - bf16).abs().max().item() < 0.1
+
+
+# ------------------------------------------------------------------------------------------ pad to longest
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS = [  # lengths from a few tokens to ~60, so micro-batch widths differ from each other and from the capacity
+    ("translate English to German: The house is wonderful.", "Das Haus ist wunderbar."),
+    ("Is this review positive? Great film.", "yes"),
+    ("Question: what colour is the sky on a clear day, and why does it look that way to people standing on the "
+     "ground at noon? Think about how sunlight is scattered by the molecules of the atmosphere. Answer:", "blue"),
+    ("Summarize: the committee met on Tuesday and agreed to postpone the vote until next month.", "Vote postponed."),
+    ("Topic of: Stocks rallied after the central bank held rates.", "Business"),
+    ("Premise: A man plays a guitar on stage. Hypothesis: A person makes music. Entailment?", "yes"),
+    ("Fill in: The capital of France is", "Paris"),
+    ("Which is heavier, a kilogram of feathers or a kilogram of iron? Explain briefly for a child who is eight "
+     "years old and has just started learning about weight and mass at school.", "They weigh the same."),
+]
+
+
+def _tokenized(kind: str) -> list[dict]:
+    """PROMPTS tokenized by the pipeline's own tokenizer step with the shipped T5 tokenizer."""
+    import datasets
+    from transformers import AutoTokenizer
+
+    from train.data.tokenization import tokenize_prompted
+
+    tokenizer = AutoTokenizer.from_pretrained(str(REPO / "configs" / "tokenizers" / "t5"))
+    prompted = datasets.Dataset.from_dict({"inputs": [p for p, _ in PROMPTS], "targets": [[t] for _, t in PROMPTS],
+                                           "task": ["t"] * len(PROMPTS), "index": list(range(len(PROMPTS)))})
+    return tokenize_prompted(prompted, tokenizer, kind).to_list()
+
+
+def _shipped_tiny(name: str, kind: str) -> torch.nn.Module:
+    """configs/models/<name> (vocab 32128, the T5 tokenizer's), randomly initialised, seeded."""
+    from train.config import ModelConfig
+    from train.modeling.models import build_model, load_model_config
+
+    spec = ModelConfig(config=str(REPO / "configs" / "models" / name), kind=kind)
+    torch.manual_seed(0)
+    return build_model(spec, load_model_config(spec), kind).eval()
+
+
+SHIPPED_CAPS = {"encdec": dict(max_input_tokens=96, max_target_tokens=16), "decoder": dict(max_tokens=96),
+                "prefix_lm": dict(max_tokens=96)}
+MICRO = 3  # rows per micro-batch, as trainer.micro_batch_size
+
+
+def _micro_batches(rows: list[dict], kind: str, pad_to: str) -> list[dict]:
+    return [collate(rows[i:i + MICRO], kind, pad_id=0, decoder_start_id=0, pad_to=pad_to, **SHIPPED_CAPS[kind])
+            for i in range(0, len(rows), MICRO)]
+
+
+def _run(model: torch.nn.Module, rows: list[dict], kind: str, pad_to: str) -> tuple[dict, list[torch.Tensor]]:
+    """{example index: mean NLL} and the parameter gradients of the summed NLL, micro-batch by micro-batch."""
+    model.zero_grad()
+    losses = {}
+    chunks = [rows[i:i + MICRO] for i in range(0, len(rows), MICRO)]
+    for chunk, batch in zip(chunks, _micro_batches(rows, kind, pad_to)):
+        nll = token_nll(model_forward(model, batch, kind), batch["labels"])
+        nll.sum().backward()
+        losses.update(zip((i for r in chunk for i in r["indices"]), per_example_losses(nll, batch)))
+    return losses, grads(model)
+
+
+@pytest.mark.parametrize("name, kind", [("t5_tiny.json", "encdec"), ("llama_tiny.json", "decoder"),
+                                        ("llama_tiny.json", "prefix_lm")])
+def test_unpacked_padded_to_longest_equals_packed(name, kind):
+    """data.packing=false with pad_to=longest (its default) gives every example the loss packing gives it."""
+    exs = _tokenized(kind)
+    model = _shipped_tiny(name, kind)
+    packed_rows = list(Packer(kind, window=4, **SHIPPED_CAPS[kind]).rows(iter(exs)))
+    unpacked_rows = list(Packer(kind, pack=False, **SHIPPED_CAPS[kind]).rows(iter(exs)))
+    assert max(len(r["indices"]) for r in packed_rows) >= 3, "packed rows must hold several examples"
+    packed, packed_grads = _run(model, packed_rows, kind, "capacity")
+    longest, longest_grads = _run(model, unpacked_rows, kind, "longest")
+    capacity, _ = _run(model, unpacked_rows, kind, "capacity")  # the old unpacked baseline
+    assert sorted(packed) == sorted(longest) == sorted(capacity) == list(range(len(PROMPTS)))
+    loss_diff = max(abs(longest[i] - packed[i]) for i in packed)
+    grad_diff = max((a - b).abs().max().item() for a, b in zip(longest_grads, packed_grads))
+    assert loss_diff <= 1e-5, f"{name}/{kind}: per-example loss differs from packed by {loss_diff}"
+    assert max(abs(longest[i] - capacity[i]) for i in packed) <= 1e-5
+    assert grad_diff <= 1e-5, f"{name}/{kind}: gradient differs from packed by {grad_diff}"
+
+
+@pytest.mark.parametrize("kind", ["encdec", "decoder", "prefix_lm"])
+def test_collated_width_is_the_micro_batch_longest_or_the_capacity(kind):
+    exs = _tokenized(kind)
+    rows = list(Packer(kind, pack=False, **SHIPPED_CAPS[kind]).rows(iter(exs)))
+    caps = SHIPPED_CAPS[kind]
+    sides = ({"input_ids": ("input_ids", "max_input_tokens"), "labels": ("target_ids", "max_target_tokens")}
+             if kind == "encdec" else {"input_ids": ("input_ids", "max_tokens")})
+    widths = set()
+    for i, (longest, capacity) in enumerate(zip(_micro_batches(rows, kind, "longest"),
+                                                _micro_batches(rows, kind, "capacity"))):
+        chunk = rows[i * MICRO:(i + 1) * MICRO]
+        for tensor, (field, cap) in sides.items():
+            expected = max(len(r[field]) for r in chunk)  # enc-dec: encoder and decoder side each their own
+            assert longest[tensor].shape == (len(chunk), expected) and expected < caps[cap]
+            assert capacity[tensor].shape == (len(chunk), caps[cap])
+            widths.add(expected)
+        assert all(v.shape[-1] == longest["input_ids"].shape[-1] for k, v in longest.items()
+                   if k in ("input_segment_ids", "input_positions", "segment_ids", "position_ids", "prefix_mask"))
+    assert len(widths) >= 2, "micro-batches should differ in width"
+    with pytest.raises(DataError, match="more than the capacity 8"):  # the capacity still bounds a row
+        collate(rows[:1], kind, pad_id=0, decoder_start_id=0, pad_to="longest",
+                **{k: 8 for k in SHIPPED_CAPS[kind]})
+    with pytest.raises(ConfigError, match="unknown pad_to 'shortest'"):
+        collate(rows[:1], kind, pad_id=0, decoder_start_id=0, pad_to="shortest", **SHIPPED_CAPS[kind])

@@ -155,15 +155,19 @@ def _split(ex: dict) -> list[list[int]]:
     return out
 
 
-def _packed_and_reference(model: torch.nn.Module, kind: str) -> tuple[float, float, float]:
+def _packed_and_reference(model: torch.nn.Module, kind: str, *, pack: bool = True,
+                          pad_to: str = "capacity") -> tuple[float, float, float]:
     """Max |difference| of per-token choice log-probs, of the three (mean) losses, and of gradients."""
     exs = _examples(kind)
     caps = (dict(max_input_tokens=24, max_target_tokens=24) if kind == "encdec" else dict(max_tokens=48))
-    packer = Packer(kind, window=3, choices=True, **caps)
+    packer = Packer(kind, window=3, choices=True, pack=pack, **caps)
     rows = list(packer.rows(iter(exs)))
     assert packer.stats["dropped_choice_sets"] == 0 and packer.stats["choice_sets"] == 6
-    assert max(count_choice_sets([r]) for r in rows) >= 2, "rows must hold several examples with choices"
-    batch = collate(rows, kind, pad_id=0, decoder_start_id=0, **caps)
+    if pack:
+        assert max(count_choice_sets([r]) for r in rows) >= 2, "rows must hold several examples with choices"
+    batch = collate(rows, kind, pad_id=0, decoder_start_id=0, pad_to=pad_to, **caps)
+    if pad_to == "longest":  # the choice gather indices must follow the narrower width
+        assert batch["labels"].shape[1] < (caps["max_target_tokens"] if kind == "encdec" else caps["max_tokens"])
 
     # packed: one forward over all rows
     model.zero_grad()
@@ -210,6 +214,13 @@ def test_packed_choice_scores_and_gradients_equal_unpacked(name, kind):
     assert logp_diff <= 1e-5, f"per-token choice log-prob differs by {logp_diff}"
     assert loss_diff <= 1e-5, f"a loss differs by {loss_diff}"
     assert grad_diff <= 1e-5, f"gradient differs by {grad_diff}"
+
+
+@pytest.mark.parametrize("name, kind", [("t5_tiny.json", "encdec"), ("llama_tiny.json", "decoder")])
+def test_unpacked_padded_to_longest_choice_scores_equal_unpacked(name, kind):
+    """data.packing=false pads to the micro-batch's longest row; the choice losses stay exact."""
+    logp_diff, loss_diff, grad_diff = _packed_and_reference(_tiny(name, kind), kind, pack=False, pad_to="longest")
+    assert max(logp_diff, loss_diff, grad_diff) <= 1e-5, (logp_diff, loss_diff, grad_diff)
 
 
 # ------------------------------------------------------------------------------------------- packing

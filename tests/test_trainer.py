@@ -278,6 +278,47 @@ def test_max_time_stops_cleanly_with_a_checkpoint_and_the_switches_work(tmp_path
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
 
 
+def test_pad_to_resolves_from_packing(monkeypatch):
+    from train.config import load_config
+    from train.loop.trainer import plan_batch
+
+    monkeypatch.chdir(REPO)
+    plan = lambda *overrides: plan_batch(load_config("configs/demo.yaml", list(overrides)), "encdec", 1)  # noqa: E731
+    assert plan().pad_to == "capacity" and "(2,048 token slots)" in plan().describe()  # packed: static shapes
+    assert plan("data.packing=false").pad_to == "longest"
+    described = plan("data.packing=false").describe()
+    assert "at most 2,048 token slots, each micro-batch padded to its longest row" in described
+    assert plan("data.packing=false", "data.pad_to=capacity").pad_to == "capacity"
+    assert plan("data.pad_to=longest").pad_to == "longest"
+
+
+def test_unpacked_run_pads_to_longest_and_resumes_exactly_from_a_capacity_checkpoint(tmp_path):
+    """data.packing=false: a run padded to the capacity and one padded to each micro-batch's longest row
+    (the default) train the same losses; a capacity checkpoint resumes under the new default."""
+    capacity, longest = tmp_path / "capacity", tmp_path / "longest"
+    unpacked = ["train", "configs/demo.yaml", *FAST, "data.packing=false", "trainer.max_steps=4"]
+    proc = _mtf([*unpacked, "data.pad_to=capacity", "checkpoint.every_steps=2", f"run.output_dir={capacity}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "global batch 4 rows (512 token slots)" in proc.stdout
+    _resume_copy(capacity / "checkpoints" / "step-00000002", longest)
+    proc = _mtf([*unpacked, f"run.output_dir={longest}"])  # data.pad_to may change on resume
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout and "each micro-batch padded to its longest row" in proc.stdout
+    before, after = _losses(capacity), _losses(longest)
+    assert sorted(after) == [3, 4]
+    for step in (3, 4):
+        assert abs(after[step] - before[step]) <= 1e-5, (step, after[step], before[step])
+    records = {name: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+               for name, run in (("capacity", capacity), ("longest", longest))}
+    for name, rows in records.items():
+        for r in (r for r in rows if "packing/efficiency" in r):
+            if name == "capacity":
+                assert r["packing/tensor_efficiency"] == r["packing/efficiency"]
+            else:  # same rows, fewer computed slots; packing/efficiency still divides by the capacity
+                assert r["packing/tensor_efficiency"] > 2 * r["packing/efficiency"]
+                assert r["packing/tensor_target_efficiency"] > r["packing/target_efficiency"]
+
+
 def test_mfu_estimate():
     from train.loop.loggers import estimate_mfu
 

@@ -34,6 +34,7 @@ ModelKind = Literal["auto", "encdec", "decoder", "prefix_lm"]
 Precision = Literal["fp32", "bf16", "fp16"]
 LossNormalization = Literal["token_mean", "sequence_mean", "target_mean", "sum"]
 OverlongPolicy = Literal["truncate_left", "truncate_right", "truncate_target", "drop"]
+PadTo = Literal["auto", "longest", "capacity"]
 
 
 @dataclass
@@ -71,12 +72,25 @@ class DataConfig:
     max_target_tokens: int = 64  # enc-dec: decoder row capacity
     max_tokens: int = 512  # decoder / prefix_lm: row capacity (input + target)
     packing: bool = True
+    # Width of each micro-batch's tensors: "longest" = its longest row (per side for enc-dec), "capacity" =
+    # max_*_tokens (static shapes, for torch.compile / XLA); "auto" = longest unpacked, capacity packed.
+    pad_to: PadTo = "auto"
     pack_window: int = 64  # open rows the streaming best-fit packer keeps (bounded memory)
     overlong: OverlongPolicy = "truncate_left"
     max_examples_per_task: Optional[int] = None  # cap rows loaded per task (quick runs)
     data_root: Optional[str] = None  # root that relative data paths of the mixture resolve against
     num_proc: Optional[int] = None  # datasets.map workers for rendering/tokenizing
     cache_dir: Optional[str] = None  # datasets cache (defaults to HF_DATASETS_CACHE)
+
+    def padding(self) -> str:
+        """``pad_to`` with "auto" resolved: "longest" when unpacked, "capacity" when packed.
+
+        Packed rows are nearly full, so trimming them buys little and static shapes are kept; an unpacked
+        row is one example, and padding it to the capacity made ``packing=false`` an unfair baseline.
+        """
+        if self.pad_to != "auto":
+            return self.pad_to
+        return "capacity" if self.packing else "longest"
 
 
 @dataclass

@@ -195,16 +195,35 @@ def task_tokens(rows: list[dict]) -> Counter:
     return out
 
 
-def packing_metrics(rows: list[dict], packer: Any, kind: str, cfg: Config) -> dict:
-    """Per-step packing figures for the logs: efficiency, examples per row, truncations and drops so far."""
+def packing_metrics(rows: list[dict], packer: Any, kind: str, cfg: Config, *, micro_batch_rows: int) -> dict:
+    """Per-step packing figures for the logs: efficiency, examples per row, truncations and drops so far.
+
+    Two efficiencies, both real tokens over slots: ``packing/efficiency`` over the row capacity (what the
+    packer achieved; unchanged by ``data.pad_to``), and ``packing/tensor_efficiency`` over the slots of the
+    collated tensors the model computed (each micro-batch of ``micro_batch_rows`` consecutive rows padded
+    as ``data.pad_to`` says). enc-dec: both are the encoder side's; ``*_input_*`` / ``*_target_*`` give
+    each side.
+    """
     n = max(len(rows), 1)
     out = {"packing/examples_per_row": sum(len(r["tasks"]) for r in rows) / n}
     if kind == "encdec":
-        inputs = sum(len(r["input_ids"]) for r in rows) / (n * cfg.data.max_input_tokens)
-        targets = sum(len(r["target_ids"]) for r in rows) / (n * cfg.data.max_target_tokens)
-        out.update({"packing/efficiency": inputs, "packing/input_efficiency": inputs, "packing/target_efficiency": targets})
+        sides = {"input": ("input_ids", cfg.data.max_input_tokens),
+                 "target": ("target_ids", cfg.data.max_target_tokens)}
     else:
-        out["packing/efficiency"] = sum(len(r["input_ids"]) for r in rows) / (n * cfg.data.max_tokens)
+        sides = {"": ("input_ids", cfg.data.max_tokens)}
+    longest = cfg.data.padding() == "longest"
+    for side, (key, capacity) in sides.items():
+        real = sum(len(r[key]) for r in rows)
+        slots = 0  # token slots of the collated tensors, micro-batch by micro-batch
+        for i in range(0, len(rows), micro_batch_rows):
+            chunk = rows[i:i + micro_batch_rows]
+            slots += len(chunk) * (max(len(r[key]) for r in chunk) if longest else capacity)
+        name = f"{side}_" if side else ""
+        out[f"packing/{name}efficiency"] = real / (n * capacity)
+        out[f"packing/tensor_{name}efficiency"] = real / max(slots, 1)
+    if kind == "encdec":
+        out["packing/efficiency"] = out["packing/input_efficiency"]
+        out["packing/tensor_efficiency"] = out["packing/tensor_input_efficiency"]
     for key, value in packer.stats.items():
         if key.startswith(("truncated", "dropped")):
             out[f"packing/{key}"] = value

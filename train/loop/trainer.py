@@ -46,9 +46,13 @@ class BatchPlan:
     micro_batch_size: int  # rows per forward pass
     grad_accum: int  # forward passes per rank per step
     row_tokens: int  # capacity of one row (enc-dec: encoder side)
+    pad_to: str = "capacity"  # data.pad_to resolved: micro-batches padded to "capacity" or to their "longest" row
 
     def describe(self) -> str:
-        return (f"global batch {self.global_rows} rows ({self.global_rows * self.row_tokens:,} token slots) = "
+        slots = f"{self.global_rows * self.row_tokens:,} token slots"
+        if self.pad_to == "longest":
+            slots = f"at most {slots}, each micro-batch padded to its longest row"
+        return (f"global batch {self.global_rows} rows ({slots}) = "
                 f"{self.world_size} ranks x {self.grad_accum} accumulation x {self.micro_batch_size} rows")
 
 
@@ -78,7 +82,7 @@ def plan_batch(cfg: Config, kind: str, world_size: int) -> BatchPlan:
             raise ConfigError(f"{rows_per_rank} rows per rank are not a multiple of `trainer.micro_batch_size`={micro}; "
                               "change one of them or set `trainer.grad_accum`.")
         accum = rows_per_rank // micro
-    return BatchPlan(global_rows, world_size, rows_per_rank, micro, accum, row_tokens)
+    return BatchPlan(global_rows, world_size, rows_per_rank, micro, accum, row_tokens, d.padding())
 
 
 def make_accelerator(cfg: Config, plan: BatchPlan) -> Any:
@@ -237,7 +241,8 @@ def train(cfg: Config) -> dict:
                     f"non-finite loss ({ctx.last_loss}) at step {ctx.step + 1}; stopped without saving this step. "
                     f"The last good checkpoint under {checkpointing.checkpoint_dir(run.output_dir)} is intact. "
                     "Lower `optim.lr`, use `trainer.precision=bf16` or fp32 (not fp16 for T5), or check the data.")
-            record_step(cfg, ctx, rows, packer, grad_norm, time.perf_counter() - step_start, components)
+            record_step(cfg, ctx, rows, packer, grad_norm, time.perf_counter() - step_start, components,
+                        micro_batch_rows=plan.micro_batch_size)
             preemption.check(ctx)
             for hook in hooks:
                 hook.on_step_end(ctx)
@@ -501,7 +506,7 @@ def rank_micro_batches(cfg: Config, run: RunSetup, rows: list[dict], announce_st
         print(f"[mtf] rank {rank}/{plan.world_size} step {announce_step} rows digest {digest}\n", end="", flush=True)
     return [collate(mine[i:i + plan.micro_batch_size], kind=info.kind, pad_id=info.pad_token_id,
                     decoder_start_id=info.decoder_start_token_id, max_input_tokens=cfg.data.max_input_tokens,
-                    max_target_tokens=cfg.data.max_target_tokens, max_tokens=cfg.data.max_tokens)
+                    max_target_tokens=cfg.data.max_target_tokens, max_tokens=cfg.data.max_tokens, pad_to=plan.pad_to)
             for i in range(0, len(mine), plan.micro_batch_size)]
 
 
@@ -537,7 +542,7 @@ def set_lr(optimizer: Any, lr: float) -> float:
 
 
 def record_step(cfg: Config, ctx: TrainContext, rows: list[dict], packer: Any, grad_norm: Any, seconds: float,
-                components: Optional[dict] = None) -> None:
+                components: Optional[dict] = None, *, micro_batch_rows: int) -> None:
     """Advance the step and the counters the hooks read (tokens, examples, task counts, packing figures).
 
     With T-Few's choice losses on, also each loss of the step (``train/loss_<name>``; absent for a loss
@@ -551,7 +556,7 @@ def record_step(cfg: Config, ctx: TrainContext, rows: list[dict], packer: Any, g
     ctx.task_counts.update(t for r in rows for t in r["tasks"])
     ctx.task_tokens.update(pipeline.task_tokens(rows))
     ctx.step_metrics = {"tokens": step_tokens, "step_seconds": seconds,
-                        **pipeline.packing_metrics(rows, packer, ctx.kind, cfg)}
+                        **pipeline.packing_metrics(rows, packer, ctx.kind, cfg, micro_batch_rows=micro_batch_rows)}
     if cfg.trainer.loss_weights.choice_losses():
         ctx.examples_with_choices += count_choice_sets(rows)
         ctx.step_metrics["examples_with_choices"] = ctx.examples_with_choices

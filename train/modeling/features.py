@@ -1,9 +1,17 @@
 """Feature converter: packed rows -> model tensors, and the one forward pass that knows each architecture.
 
-Only this module knows the model architecture. :func:`collate` pads rows to the FIXED capacity (static
-shapes, one compiled graph) and makes labels; :func:`model_forward` builds the segment-aware attention
-masks at forward time (in the dtype the attention will run in, so bf16 autocast works) and returns
-logits aligned with ``batch["labels"]``.
+Only this module knows the model architecture. :func:`collate` pads a micro-batch's rows and makes
+labels; :func:`model_forward` builds the segment-aware attention masks at forward time (in the dtype the
+attention will run in, so bf16 autocast works) and returns logits aligned with ``batch["labels"]``.
+
+Width (``pad_to``): "capacity" pads every row to ``max_*_tokens`` (static shapes, one compiled graph for
+torch.compile / XLA); "longest" pads to the micro-batch's longest row, separately for the encoder and
+the decoder side of enc-dec (what Hugging Face's DataCollatorForSeq2Seq does). Both give the same
+per-token losses: padding keys are blocked for every real query, padding queries carry no label, and
+nothing else depends on the width (labels are shifted within each row's segments, T5's relative bias
+and per-segment positions come from row indices, choice gather indices use the batch's own width).
+The width is not rounded up to a multiple of 8: the sequence length is not a dimension the linear layers'
+matmuls need aligned (the hidden sizes are), sdpa takes any length, and rounding only adds padded work.
 
 Labels are PRE-SHIFTED for every kind: ``logits[b, t]`` predicts ``labels[b, t]``. Never pass these
 labels to a Hugging Face model's ``labels=`` argument (a decoder would shift them a second time);
@@ -72,14 +80,31 @@ _ROW_FIELDS = {
 }
 
 
+PAD_TO = ("capacity", "longest")
+
+
+def _width(seqs: Sequence[Sequence[int]], capacity: int, pad_to: str, what: str) -> int:
+    """Tensor width of one side of a micro-batch: its longest row ("longest") or ``capacity``.
+
+    Raises:
+        DataError: a row is longer than ``capacity`` (it was packed with other max_*_tokens).
+    """
+    lengths = [len(seq) for seq in seqs]
+    longest = max(lengths)
+    if longest > capacity:
+        raise DataError(
+            f"features: row {lengths.index(longest)} has {longest}{' ' + what if what else ''} tokens, more than "
+            f"the capacity {capacity}; pack with the same max_*_tokens as the collator"
+        )
+    return longest if pad_to == "longest" else capacity
+
+
 def _pad(seqs: Sequence[Sequence[int]], length: int, value: int, what: str) -> torch.Tensor:
     out = torch.full((len(seqs), length), value, dtype=torch.long)  # (batch, length)
     for i, seq in enumerate(seqs):
         if len(seq) > length:
-            raise DataError(
-                f"features: row {i} has {len(seq)} {what} tokens, more than the capacity {length}; "
-                "pack with the same max_*_tokens as the collator"
-            )
+            raise DataError(f"features: row {i} has a {what} field of {len(seq)} tokens, more than the batch width "
+                            f"{length} taken from its token ids; the row is malformed")
         out[i, : len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
     return out
 
@@ -93,8 +118,9 @@ def collate(
     max_input_tokens: int | None = None,
     max_target_tokens: int | None = None,
     max_tokens: int | None = None,
+    pad_to: str = "capacity",
 ) -> dict[str, torch.Tensor]:
-    """Pad packed rows to the fixed capacity and build labels.
+    """Pad a micro-batch of packed rows (to the capacity or to its longest row) and build labels.
 
     Args:
         rows: packed rows from :class:`train.data.packing.Packer`.
@@ -103,22 +129,26 @@ def collate(
         decoder_start_id: enc-dec only, the token that starts every target segment (T5: pad id 0).
         max_input_tokens, max_target_tokens: enc-dec capacities.
         max_tokens: decoder capacity.
+        pad_to: "capacity" (width = the capacities above) or "longest" (width = the longest row of
+            ``rows``, per side for enc-dec; the capacities still bound every row).
 
     Returns:
-        enc-dec: input_ids, input_segment_ids, input_positions (batch, max_input_tokens);
+        enc-dec: input_ids, input_segment_ids, input_positions (batch, input width);
         decoder_input_ids, target_segment_ids, target_positions, labels, loss_segment_ids
-        (batch, max_target_tokens). Decoder kinds: input_ids, segment_ids, position_ids, prefix_mask,
-        labels, loss_segment_ids (batch, max_tokens). ``loss_segment_ids`` is the segment of each label
+        (batch, target width). Decoder kinds: input_ids, segment_ids, position_ids, prefix_mask,
+        labels, loss_segment_ids (batch, width). ``loss_segment_ids`` is the segment of each label
         (0 where the label is IGNORE_INDEX); all tensors are int64. Segment 0 is padding. Rows packed
         with choices add ``target_branch_ids`` / ``branch_ids`` (same shape) and the ``choice_*`` gather
         tensors of the module docstring.
 
     Raises:
-        ConfigError: unknown kind or a missing capacity / decoder_start_id.
+        ConfigError: unknown kind or ``pad_to``, or a missing capacity / decoder_start_id.
         DataError: a row lacks a field or exceeds the capacity.
     """
     if kind not in _ROW_FIELDS:
         raise ConfigError(f"features: unknown model kind {kind!r}; expected one of {list(_ROW_FIELDS)}")
+    if pad_to not in PAD_TO:
+        raise ConfigError(f"features: unknown pad_to {pad_to!r}; expected one of {list(PAD_TO)}")
     if not rows:
         raise DataError("features: collate got an empty list of rows")
     for i, row in enumerate(rows):
@@ -129,14 +159,16 @@ def collate(
     if kind == "encdec":
         if max_input_tokens is None or max_target_tokens is None or decoder_start_id is None:
             raise ConfigError("features: encdec needs max_input_tokens, max_target_tokens and decoder_start_id")
+        n_in = _width([r["input_ids"] for r in rows], max_input_tokens, pad_to, "input")
+        n_tgt = _width([r["target_ids"] for r in rows], max_target_tokens, pad_to, "target")
         batch = {
-            "input_ids": _pad([r["input_ids"] for r in rows], max_input_tokens, pad_id, "input"),
-            "input_segment_ids": _pad([r["input_segment_ids"] for r in rows], max_input_tokens, 0, "input"),
-            "input_positions": _pad([r["input_positions"] for r in rows], max_input_tokens, 0, "input"),
-            "target_segment_ids": _pad([r["target_segment_ids"] for r in rows], max_target_tokens, 0, "target"),
-            "target_positions": _pad([r["target_positions"] for r in rows], max_target_tokens, 0, "target"),
+            "input_ids": _pad([r["input_ids"] for r in rows], n_in, pad_id, "input"),
+            "input_segment_ids": _pad([r["input_segment_ids"] for r in rows], n_in, 0, "input"),
+            "input_positions": _pad([r["input_positions"] for r in rows], n_in, 0, "input"),
+            "target_segment_ids": _pad([r["target_segment_ids"] for r in rows], n_tgt, 0, "target"),
+            "target_positions": _pad([r["target_positions"] for r in rows], n_tgt, 0, "target"),
         }
-        targets = _pad([r["target_ids"] for r in rows], max_target_tokens, pad_id, "target")
+        targets = _pad([r["target_ids"] for r in rows], n_tgt, pad_id, "target")
         seg = batch["target_segment_ids"]
         # Shift right within each segment: position 0 of every segment gets the start token.
         shifted = torch.cat([torch.full_like(targets[:, :1], decoder_start_id), targets[:, :-1]], dim=1)
@@ -147,19 +179,20 @@ def collate(
         batch["loss_segment_ids"] = seg.clone()
         if _has_branches(rows, "target_branch_ids"):
             # Choices restart their positions at 0, so the shift above already gave each its start token.
-            branch = _pad([r["target_branch_ids"] for r in rows], max_target_tokens, 0, "target")
+            branch = _pad([r["target_branch_ids"] for r in rows], n_tgt, 0, "target")
             gold = branch == 1  # the LM loss is the target's only
             batch["target_branch_ids"] = branch
             batch["labels"] = torch.where(gold, batch["labels"], torch.full_like(targets, IGNORE_INDEX))
             batch["loss_segment_ids"] = torch.where(gold, seg, torch.zeros_like(seg))
-            batch.update(_choice_gather(rows, kind, max_target_tokens))
+            batch.update(_choice_gather(rows, kind, n_tgt))
         return batch
 
     if max_tokens is None:
         raise ConfigError(f"features: kind {kind!r} needs max_tokens")
-    input_ids = _pad([r["input_ids"] for r in rows], max_tokens, pad_id, "")
-    seg = _pad([r["segment_ids"] for r in rows], max_tokens, 0, "")
-    loss_mask = _pad([r["loss_mask"] for r in rows], max_tokens, 0, "")
+    width = _width([r["input_ids"] for r in rows], max_tokens, pad_to, "")
+    input_ids = _pad([r["input_ids"] for r in rows], width, pad_id, "")
+    seg = _pad([r["segment_ids"] for r in rows], width, 0, "")
+    loss_mask = _pad([r["loss_mask"] for r in rows], width, 0, "")
     # Pre-shift: the label at t is token t+1, kept only if t+1 is a target token of the same segment.
     next_ids = torch.cat([input_ids[:, 1:], torch.full_like(input_ids[:, :1], pad_id)], dim=1)
     next_seg = torch.cat([seg[:, 1:], torch.zeros_like(seg[:, :1])], dim=1)
@@ -168,15 +201,15 @@ def collate(
     batch = {
         "input_ids": input_ids,
         "segment_ids": seg,
-        "position_ids": _pad([r["positions"] for r in rows], max_tokens, 0, ""),
-        "prefix_mask": _pad([r["prefix_mask"] for r in rows], max_tokens, 0, ""),
+        "position_ids": _pad([r["positions"] for r in rows], width, 0, ""),
+        "prefix_mask": _pad([r["prefix_mask"] for r in rows], width, 0, ""),
         "labels": torch.where(keep, next_ids, torch.full_like(next_ids, IGNORE_INDEX)),
         "loss_segment_ids": torch.where(keep, seg, torch.zeros_like(seg)),
     }
     if _has_branches(rows, "branch_ids"):
         # Choices carry loss_mask 0, so the labels above are the target's alone.
-        batch["branch_ids"] = _pad([r["branch_ids"] for r in rows], max_tokens, 0, "")
-        batch.update(_choice_gather(rows, kind, max_tokens))
+        batch["branch_ids"] = _pad([r["branch_ids"] for r in rows], width, 0, "")
+        batch.update(_choice_gather(rows, kind, width))
     return batch
 
 
