@@ -104,6 +104,13 @@ def _choice_mask_4d(prompt_mask_n: torch.Tensor, choice_len: int, dtype, neg: fl
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, neg)
 
 
+def _keeps_logits(model) -> bool:
+    """Whether the model's forward takes per-row ``logits_to_keep`` positions (transformers >= 5 causal LMs)."""
+    import inspect
+
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
 def _score_decoder(model, items: list[RankItem], pad_id: int, side: str, prefix_lm: bool) -> list[list[float]]:
     device, dtype = model_device_dtype(model)
     prompts = [it.prompt_ids for it in items]
@@ -115,9 +122,14 @@ def _score_decoder(model, items: list[RankItem], pad_id: int, side: str, prefix_
         attn, neg = prefix_prompt_mask(p_mask, dtype)
     else:
         attn = p_mask
-    out = model(input_ids=p_ids, attention_mask=attn, position_ids=p_pos, use_cache=True)
     last = (p_len - 1) if side == "right" else torch.full_like(p_len, p_ids.shape[1] - 1)
-    next_logits = out.logits[torch.arange(len(items), device=device), last]  # (B, V): predicts choice token 0
+    if _keeps_logits(model):  # only the last prompt position's logits: the vocabulary projection is the big cost
+        out = model(input_ids=p_ids, attention_mask=attn, position_ids=p_pos, use_cache=True,
+                    logits_to_keep=last[:, None])
+        next_logits = out.logits[:, 0]  # (B, V): predicts choice token 0
+    else:
+        out = model(input_ids=p_ids, attention_mask=attn, position_ids=p_pos, use_cache=True)
+        next_logits = out.logits[torch.arange(len(items), device=device), last]
 
     owner = torch.tensor([b for b, it in enumerate(items) for _ in it.choice_ids], device=device)  # (N,)
     choices = [c for it in items for c in it.choice_ids]
