@@ -193,8 +193,12 @@ def train(cfg: Config) -> dict:
         preemption = PreemptionHook(ctx)
         logging_hook, eval_hook = LoggingHook(ctx), EvalHook(ctx, eval_set)
         eval_hook.logger = logging_hook
-        # Order matters at the end: eval before the final checkpoint (best_metric), logging closes last.
-        hooks = [eval_hook, CheckpointHook(ctx), preemption, logging_hook]
+        checkpoint_hook = CheckpointHook(ctx)
+        # Each step: the step's metrics line is written before its checkpoint, so a process killed right after a
+        # checkpoint has already logged every step that checkpoint holds (a resume starts at the next one).
+        step_hooks = [eval_hook, logging_hook, checkpoint_hook, preemption]
+        # At the end: eval before the final checkpoint (best_metric), logging closes last.
+        hooks = [eval_hook, checkpoint_hook, preemption, logging_hook]
         mode = cfg.trainer.loss_normalization
         weights = losses.active_weights(cfg.trainer.loss_weights)  # {"lm": 1.0} unless T-Few's losses are on
 
@@ -244,7 +248,7 @@ def train(cfg: Config) -> dict:
             record_step(cfg, ctx, rows, packer, grad_norm, time.perf_counter() - step_start, components,
                         micro_batch_rows=plan.micro_batch_size)
             preemption.check(ctx)
-            for hook in hooks:
+            for hook in step_hooks:
                 hook.on_step_end(ctx)
 
         loop_seconds = time.perf_counter() - loop_start
