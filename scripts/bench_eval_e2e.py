@@ -124,7 +124,7 @@ def run_mtf(model_dir: Path, mixture: Path, cap: int, batch_size: int, cache_roo
     """
     from train.data import load_eval_examples
     from train.evaluation.evaluator import ZeroShotEvaluator
-    from train.evaluation.items import harness_max_length, resolve_scoring
+    from train.evaluation.items import resolve_scoring
     from train.evaluation.runner import load_model_for_eval
 
     cache = Path(tempfile.mkdtemp(prefix="datasets-", dir=cache_root))  # cold: nothing rendered or read yet
@@ -136,11 +136,10 @@ def run_mtf(model_dir: Path, mixture: Path, cap: int, batch_size: int, cache_roo
     model, tokenizer, kind = load_model_for_eval(str(model_dir))
     seconds["load"] = time.perf_counter() - t
     t = time.perf_counter()
-    # As `mtf eval --scoring lm-eval`: an over-long encoder input keeps its last tokens, as the harness cuts it.
-    max_input = harness_max_length(model.config, tokenizer) if kind == "encdec" else None
+    scoring = resolve_scoring("lm-eval")  # as `mtf eval --scoring lm-eval`, over-long encoder inputs cut alike
     evaluator = ZeroShotEvaluator(tokenizer, examples, kind=kind, clusters=clusters, languages=languages,
-                                  max_examples_per_template=cap, scoring=resolve_scoring("lm-eval"),
-                                  max_input_tokens=max_input)
+                                  max_examples_per_template=cap, scoring=scoring,
+                                  max_input_tokens=scoring.max_prompt_tokens(kind, model.config, tokenizer))
     seconds["tokenize"] = time.perf_counter() - t
     t = time.perf_counter()
     results = evaluator(model, batch_size=batch_size)

@@ -3,21 +3,17 @@ mixtures load through the real task loader, and its BENCHMARKS.md section is rep
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
-from conftest import requires_shared
+from conftest import load_script, requires_shared
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("learning_check", REPO / "scripts" / "learning_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("learning_check")
 
 
 @requires_shared

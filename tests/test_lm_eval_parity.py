@@ -55,13 +55,14 @@ def copa() -> list[dict]:
 def _ours(model_dir: Path, examples: list[dict], scoring: str) -> tuple[list, list[tuple[str, str]], str]:
     """Per-choice summed log-probabilities from this stack, the (context, continuation) requests, the kind."""
     from train.evaluation.evaluator import ZeroShotEvaluator
-    from train.evaluation.items import harness_max_length, resolve_scoring
+    from train.evaluation.items import resolve_scoring
     from train.evaluation.runner import load_model_for_eval
     from train.evaluation.scoring import score_rank_items
 
     model, tok, kind = load_model_for_eval(str(model_dir))
-    cap = harness_max_length(model.config, tok) if scoring == "lm-eval" and kind == "encdec" else None  # as mtf eval
-    evaluator = ZeroShotEvaluator(tok, examples, kind=kind, scoring=resolve_scoring(scoring), max_input_tokens=cap)
+    convention = resolve_scoring(scoring)
+    evaluator = ZeroShotEvaluator(tok, examples, kind=kind, scoring=convention,  # the prompt cap as mtf eval's
+                                  max_input_tokens=convention.max_prompt_tokens(kind, model.config, tok))
     scores = score_rank_items(model.eval(), evaluator.rank_items, kind, batch_size=5, pad_id=evaluator.pad)
     assert len(evaluator.rank_items) == len(examples)  # nothing skipped: every request is compared
     flat, requests = [], []

@@ -4,7 +4,6 @@ chose, and writes its BENCHMARKS.md section in place; the grid choice and the su
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -14,16 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import requires_shared
+from conftest import load_script, requires_shared
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("merge_check", REPO / "scripts" / "merge_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("merge_check")
 
 
 @pytest.mark.slow  # ~60 s: the whole pipeline in one `--smoke` process

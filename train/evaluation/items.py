@@ -76,6 +76,13 @@ class Scoring:
             return self.choice_separator
         return "" if kind == "encdec" and self.name == "t0" else " "
 
+    def max_prompt_tokens(self, kind: str, model_config, tokenizer) -> Optional[int]:
+        """The prompt cap this convention implies: under lm-eval, an encoder input keeps its last
+        :func:`harness_max_length` tokens as the harness cuts it; otherwise None (no cut)."""
+        if kind == "encdec" and self.tokenizer_special_tokens:
+            return harness_max_length(model_config, tokenizer)
+        return None
+
     def describe(self, kind: str, length_normalized: bool = False) -> dict:
         """The ``scoring`` entry of a results JSON: every setting, resolved for ``kind``."""
         out = asdict(self)
@@ -300,16 +307,15 @@ def build_eval_items(
     metrics, clusters, languages = metrics or {}, dict(clusters or {}), dict(languages or {})
     encoder = _Encoder(tokenizer, kind, max_input_tokens, scoring)
     out = EvalItems()
-    cap = max_examples_per_template
-    encoder.prepare(examples if cap is None else _first_per_pair(examples, cap))
+    if max_examples_per_template is not None:
+        examples = _first_per_pair(examples, max_examples_per_template)
+    encoder.prepare(examples)
     for ex in examples:
         key = (str(ex["dataset"]), str(ex["template"]))
         group = out.groups.get(key)
         if group is None:
             group = out.groups[key] = EvalGroup(key[0], key[1], str(ex.get("task", f"{key[0]}/{key[1]}")))
         position = len(group.indices) + sum(group.skipped.values())  # examples of this pair before this one
-        if cap is not None and _row(ex, position) >= cap:
-            continue
         dataset = key[0]
         if dataset not in out.cluster_of:
             out.cluster_of[dataset] = clusters.get(dataset, ex.get("cluster") or "other")
@@ -365,7 +371,7 @@ def _row(ex: Mapping, position: int) -> int:
 
 
 def _first_per_pair(examples: Sequence[dict], cap: int) -> list[dict]:
-    """The examples a capped eval keeps at most (see :func:`build_eval_items`)."""
+    """The examples a capped eval keeps: those of source rows ``0..cap-1`` (see :func:`build_eval_items`)."""
     seen: Counter = Counter()
     out = []
     for ex in examples:

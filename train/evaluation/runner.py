@@ -356,7 +356,7 @@ def run_eval_command(*, model_dir: str, mixture: str, kind: str = "auto", tokeni
     import torch
     from accelerate import Accelerator
 
-    from train.evaluation.items import harness_max_length, resolve_scoring
+    from train.evaluation.items import resolve_scoring
     from train.evaluation.results import check_protocol, write_results
     from train.evaluation import evaluate
 
@@ -375,11 +375,8 @@ def run_eval_command(*, model_dir: str, mixture: str, kind: str = "auto", tokeni
         examples, clusters, languages = load_examples(mixture, pairs, max_examples_per_template)
     model, tok, resolved = load_model_for_eval(model_dir, kind, tokenizer, base_model)
     model.to(accelerator.device)
-    # Under the harness's convention an over-long encoder input keeps its last tokens, as the harness cuts it.
-    max_input = (harness_max_length(model.config, tok) if convention.tokenizer_special_tokens and resolved == "encdec"
-                 else None)
     results = evaluate(model, tok, examples, kind=resolved, batch_size=batch_size, accelerator=accelerator,
-                       max_input_tokens=max_input,
+                       max_input_tokens=convention.max_prompt_tokens(resolved, model.config, tok),
                        max_examples_per_template=max_examples_per_template, clusters=clusters, languages=languages,
                        protocol=protocol, protocol_seeds=protocol_seeds, length_normalized=length_normalized,
                        scoring=convention, prompts=prompt_files(mixture, pairs))

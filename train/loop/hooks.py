@@ -223,13 +223,15 @@ class EvalHook:
             from train.evaluation.items import resolve_scoring
 
             examples, clusters, languages = self.eval_set
+            scoring = resolve_scoring(self.cfg.scoring, choice_eos=self.cfg.choice_eos,
+                                      choice_separator=self.cfg.choice_separator)
+            config = getattr(ctx.accelerator.unwrap_model(ctx.model), "config", None)
             self.evaluators[cap] = ZeroShotEvaluator(ctx.tokenizer, examples, kind=ctx.kind, metrics=None, clusters=clusters,
                                                      languages=languages, max_examples_per_template=cap,
-                                                     max_input_tokens=None, protocol=self.cfg.protocol,
+                                                     max_input_tokens=scoring.max_prompt_tokens(ctx.kind, config, ctx.tokenizer),
+                                                     protocol=self.cfg.protocol,
                                                      protocol_seeds=self.cfg.protocol_seeds,
-                                                     length_normalized=self.cfg.length_normalized,
-                                                     scoring=resolve_scoring(self.cfg.scoring, choice_eos=self.cfg.choice_eos,
-                                                                             choice_separator=self.cfg.choice_separator))
+                                                     length_normalized=self.cfg.length_normalized, scoring=scoring)
         return self.evaluators[cap]
 
     def run(self, ctx: TrainContext, final: bool) -> Optional[dict]:
