@@ -430,8 +430,10 @@ def test_resume_fallback_skips_the_bad_checkpoint_and_is_exact(run, runs, capsys
 
 @pytest.mark.parametrize("content, phrase", [
     ("{not json", "trainer_state.json is damaged (Expecting property name"),
-    ('{"step": 4, "tokens_seen": 1, "examples_seen": 1, "packer": {}}', "`stream` missing"),
-    ('{"step": "four", "tokens_seen": 1, "examples_seen": 1, "stream": {}, "packer": {}}', "`step` is not int"),
+    ('{"step": 4, "tokens_seen": 1, "examples_seen": 1}', "`data` missing"),
+    ('{"step": "four", "tokens_seen": 1, "examples_seen": 1, "data": {}}', "`step` is not int"),
+    ('{"step": 4, "tokens_seen": 1, "examples_seen": 1, "stream": {}, "packer": {}}',
+     "written before data lanes (one global stream and packer)"),
     ("[1, 2]", "trainer_state.json is damaged (not a mapping)"),
 ])
 def test_a_damaged_trainer_state_is_refused(run, content, phrase, capsys):
@@ -442,7 +444,8 @@ def test_a_damaged_trainer_state_is_refused(run, content, phrase, capsys):
 def test_a_tampered_stream_position_is_refused(run, capsys):
     state_file = _newest(run) / "trainer_state.json"
     state = json.loads(state_file.read_text())
-    state["stream"] = {"format": state["stream"]["format"], "bogus": 1}
+    lane = state["data"]["lane_states"]["0"]
+    lane["stream"] = {"format": lane["stream"]["format"], "bogus": 1}
     state_file.write_text(json.dumps(state))
     user_error(_train_args(run, 6), capsys, "mixture stream")
 

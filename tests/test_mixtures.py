@@ -281,25 +281,44 @@ def test_restore_is_constant_time(plan, four_tasks, monkeypatch):
     assert timings[1] < 0.05
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
-def test_union_of_rank_shards_is_the_one_rank_stream(plan, four_tasks, world_size):
+@pytest.mark.parametrize("lanes", [2, 3])
+def test_lanes_interleave_every_epoch_shuffle(plan, four_tasks, lanes):
+    """Lane l's k-th draw of a source is the source's global draw k * lanes + l: within an epoch, no two
+    lanes take the same row, and the lanes together take the first rows of the 1-lane epoch shuffle."""
     base = MixtureStream.from_plan(plan, four_tasks, seed=4, block_size=64)
-    full = [_key(x) for x in base.take(300 * world_size)]
-    shards = [[_key(x) for x in base.shard(r, world_size).take(300)] for r in range(world_size)]
-    assert [shards[i % world_size][i // world_size] for i in range(len(full))] == full
-    assert shards[0] != shards[1]
+    streams = [base.lane_stream(lane, lanes) for lane in range(lanes)]
+    items = [s.take(2000) for s in streams]
+    assert items[0] != items[1]
+    one_lane = [x["index"] for x in base.take(20_000) if x["task"] == "d"]  # d: 1000 rows, the largest share
+    per_lane = [[x["index"] for x in lane if x["task"] == "d"] for lane in items]
+    k = min(len(rows) for rows in per_lane)
+    interleaved = [per_lane[i % lanes][i // lanes] for i in range(k * lanes)]
+    assert interleaved == one_lane[:k * lanes]
+    assert k * lanes > 1000 and sorted(interleaved[:1000]) == list(range(1000))  # epoch 1: every row once, all lanes
 
 
-def test_sharded_resume_per_rank(plan, four_tasks):
+def test_lane_draws_its_own_sources_at_the_planned_rates(plan, four_tasks):
+    n = 30_000
+    lane = MixtureStream.from_plan(plan, four_tasks, seed=1234).lane_stream(5, 8)
+    counts = dict.fromkeys(plan.task_shares(), 0)
+    for x in lane.take(n):
+        counts[x["task"]] += 1
+    tasks = sorted(counts)
+    assert chisquare([counts[t] for t in tasks], [plan.task_shares()[t] * n for t in tasks]).pvalue > 0.01
+
+
+def test_lane_resume(plan, four_tasks):
     base = MixtureStream.from_plan(plan, four_tasks, seed=4, block_size=64)
-    rank1 = base.shard(1, 2)
-    expected = [_key(x) for x in base.shard(1, 2).take(500)]
-    rank1.take(123)
-    resumed = base.shard(1, 2)
-    resumed.load_state_dict(rank1.state_dict())
+    lane1 = base.lane_stream(1, 2)
+    expected = [_key(x) for x in base.lane_stream(1, 2).take(500)]
+    lane1.take(123)
+    resumed = base.lane_stream(1, 2)
+    resumed.load_state_dict(json.loads(json.dumps(lane1.state_dict())))
     assert [_key(x) for x in resumed.take(377)] == expected[123:]
-    with pytest.raises(ConfigError, match="saved rank=1 but this run has 0"):
-        base.shard(0, 2).load_state_dict(rank1.state_dict())
+    with pytest.raises(ConfigError, match="saved lane=1 but this run has 0"):
+        base.lane_stream(0, 2).load_state_dict(lane1.state_dict())
+    with pytest.raises(ConfigError, match="saved lanes=2 but this run has 4.*data.lanes"):
+        base.lane_stream(1, 4).load_state_dict(lane1.state_dict())
 
 
 def test_state_of_another_mixture_or_seed_is_refused(plan, four_tasks, tmp_path):

@@ -75,7 +75,8 @@ class DataConfig:
     # Width of each micro-batch's tensors: "longest" = its longest row (per side for enc-dec), "capacity" =
     # max_*_tokens (static shapes, for torch.compile / XLA); "auto" = longest unpacked, capacity packed.
     pad_to: PadTo = "auto"
-    pack_window: int = 64  # open rows the streaming best-fit packer keeps (bounded memory)
+    pack_window: int = 64  # open rows the streaming best-fit packer keeps, per lane (bounded memory)
+    lanes: Union[int, Literal["auto"]] = "auto"  # independent (stream, packer) lanes of the global batch; ranks build whole lanes (train/data/lanes.py)
     overlong: OverlongPolicy = "truncate_left"
     max_examples_per_task: Optional[int] = None  # cap rows loaded per task (quick runs)
     data_root: Optional[str] = None  # root that relative data paths of the mixture resolve against
@@ -494,7 +495,7 @@ def problems(cfg: Config) -> list[str]:
 # tests/test_config.py fails when a numeric key is missing here, so a new one gets a bound on purpose.
 MINIMUMS: dict[str, tuple[float, bool]] = {
     "data.max_input_tokens": (1, True), "data.max_target_tokens": (1, True), "data.max_tokens": (1, True),
-    "data.pack_window": (1, True), "data.max_examples_per_task": (1, True), "data.num_proc": (1, True),
+    "data.pack_window": (1, True), "data.lanes": (1, True), "data.max_examples_per_task": (1, True), "data.num_proc": (1, True),
     "optim.lr": (0, False), "optim.weight_decay": (0, True), "optim.eps": (0, False),
     "optim.clip_grad_norm": (0, False), "schedule.warmup_steps": (0, True),
     "trainer.max_steps": (1, True), "trainer.global_batch_size": (1, True), "trainer.global_batch_tokens": (1, True),
@@ -529,7 +530,7 @@ def _bound_problems(cfg: Config, file: str) -> list[str]:
     out = []
     for key, (minimum, inclusive) in MINIMUMS.items():
         value = get_key(cfg, key)
-        if value is None or value > minimum or (inclusive and value == minimum):
+        if value is None or isinstance(value, str) or value > minimum or (inclusive and value == minimum):  # str: "auto"
             continue
         limit = f"at least {minimum:g}" if inclusive else f"greater than {minimum:g}"
         off = f", or null {NULL_MEANS.get(key, 'to turn it off')}" if _is_optional(key) else ""

@@ -36,15 +36,19 @@ their own rates, so rates compose multiplicatively.
 
 :class:`MixtureStream` is an infinite stream of ``{"task", "index", "input_ids", "target_ids"}``:
 
-* The source of global position ``i`` is a pure function of ``(seed, i)``: positions are drawn in blocks
+* The source of position ``i`` is a pure function of ``(seed, i)``: positions are drawn in blocks
   of ``block_size`` from a generator seeded with ``(seed, block)``.
-* The ``k``-th draw of a source (counted over all ranks) is row ``perm_e(k mod n)`` of epoch
-  ``e = k // n``, where ``perm_e`` is a keyed Feistel permutation of ``range(n)`` keyed by
-  ``(seed, source name, e)``: a fresh shuffle every epoch, in O(1) memory whatever ``n``.
+* The ``k``-th draw of a source is row ``perm_e(k mod n)`` of epoch ``e = k // n``, where ``perm_e`` is a
+  keyed Feistel permutation of ``range(n)`` keyed by ``(seed, source name, e)``: a fresh shuffle every
+  epoch, in O(1) memory whatever ``n``.
 * So the state is ``(position, per-source counts at the start of the current block)``: restoring it
   regenerates one block, never replays the stream.
-* ``shard(rank, world_size)`` yields global positions ``i % world_size == rank``; the union over ranks
-  is exactly the 1-rank stream, and every rank resumes on its own.
+* ``lane(l, lanes)`` splits the stream into ``lanes`` independent lanes (data-parallel training builds
+  each lane's rows on one rank, see :mod:`train.data.lanes`). Lane ``l`` draws its own sources from a
+  generator seeded with ``(seed, lanes, l, block)``, and its ``k``-th draw of a source takes the source's
+  *global* draw ``g = k * lanes + l``, i.e. row ``perm_e(g mod n)`` with ``e = g // n``: lanes interleave
+  each source's epoch shuffle, so no two lanes take the same row within an epoch, and a lane's cost does
+  not depend on how many lanes there are. ``lanes=1`` is the stream above.
 """
 
 from __future__ import annotations
@@ -78,7 +82,7 @@ T0_RULES = ("min", "step")
 T0_DEFAULT_CAP = 500_000  # t-zero's MAX_EXAMPLES_PER_DATASET
 REPEAT_WARNING_EPOCHS = 4.0  # data-constrained scaling laws: returns fall off beyond ~4 epochs
 DEFAULT_BLOCK_SIZE = 4096
-STATE_FORMAT = 1
+STATE_FORMAT = 2  # 2: lanes (format 1 had rank/world_size sharding of one global stream)
 TEMPLATE_SEPARATOR = "::"  # source name of a per-template sub-source: "<task>::<template>"
 
 ExampleCounts = Mapping[str, "int | Mapping[str, int]"]
@@ -622,7 +626,7 @@ class StreamSource:
 
 
 class MixtureStream:
-    """Infinite, seeded, exactly resumable, shardable stream over the sources of a mixture.
+    """Infinite, seeded, exactly resumable stream over the sources of a mixture, splittable into lanes.
 
     Yields ``{"task": str, "index": int, "input_ids": list[int], "target_ids": list[int]}`` where
     ``index`` is the row of the task's tokenized dataset, plus ``choice_ids`` / ``choice_lengths`` when the
@@ -634,23 +638,23 @@ class MixtureStream:
         sources: Sequence[StreamSource],
         seed: int,
         *,
-        rank: int = 0,
-        world_size: int = 1,
+        lane: int = 0,
+        lanes: int = 1,
         block_size: int = DEFAULT_BLOCK_SIZE,
     ):
         if not sources:
             raise ConfigError("a mixture stream needs at least one source.")
         if not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ConfigError(f"the mixture seed must be an int >= 0, got {seed!r}.")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ConfigError(f"rank {rank} is not in range(world_size={world_size}).")
+        if lanes < 1 or not 0 <= lane < lanes:
+            raise ConfigError(f"lane {lane} is not in range(lanes={lanes}).")
         for s in sources:
             if len(s.rows) == 0:
                 raise DataError(f"source '{s.name}' has no examples; remove it from the mixture.")
         self.sources = tuple(sources)
         self.seed = int(seed)
-        self.rank = rank
-        self.world_size = world_size
+        self.lane = lane
+        self.lanes = lanes
         self.block_size = block_size
         probs = np.array([s.probability for s in sources], dtype=np.float64)
         if not np.all(probs > 0):
@@ -660,9 +664,9 @@ class MixtureStream:
         self._sizes = np.array([len(s.rows) for s in sources], dtype=np.int64)
         self._source_keys = np.array([_name_key(s.name) for s in sources], dtype=_U64)
         self._seed_key = _mix64(np.array([self.seed], dtype=_U64))[0]
-        self._position = rank  # next global position this rank yields
+        self._position = 0  # next position of this lane
         self._block = 0
-        self._block_counts = np.zeros(len(sources), dtype=np.int64)  # draws per source before self._block
+        self._block_counts = np.zeros(len(sources), dtype=np.int64)  # this lane's draws per source before self._block
         self._load_block()
 
     # -- construction ------------------------------------------------------------------------------
@@ -704,44 +708,37 @@ class MixtureStream:
             sources.append(StreamSource(planned.name, planned.task, planned.probability, columns[planned.task], rows))
         return cls(sources, seed, block_size=block_size)
 
-    def shard(self, rank: int, world_size: int) -> MixtureStream:
-        """This stream's share for data-parallel ``rank``: global positions ``i % world_size == rank``.
-
-        Returns a new stream at the start; the union of all ranks is exactly the 1-rank stream.
-        """
-        if self.world_size != 1:
-            raise ConfigError("shard() a 1-rank stream; this one is already rank "
-                              f"{self.rank} of {self.world_size}.")
-        return MixtureStream(self.sources, self.seed, rank=rank, world_size=world_size, block_size=self.block_size)
+    def lane_stream(self, lane: int, lanes: int) -> MixtureStream:
+        """Lane ``lane`` of ``lanes`` of this (1-lane) stream, at its start; see the module docstring."""
+        if self.lanes != 1:
+            raise ConfigError(f"split a 1-lane stream into lanes; this one is already lane {self.lane} of {self.lanes}.")
+        return MixtureStream(self.sources, self.seed, lane=lane, lanes=lanes, block_size=self.block_size)
 
     # -- block machinery ---------------------------------------------------------------------------
 
     def _block_sources(self, block: int) -> np.ndarray:
-        """(block_size,) source id of every global position of ``block``: a pure function of (seed, block)."""
-        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, block])))
+        """(block_size,) source id of every position of ``block``: a pure function of (seed, lanes, lane, block)."""
+        key = [self.seed, block] if self.lanes == 1 else [self.seed, self.lanes, self.lane, block]
+        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(key)))
         ids = np.searchsorted(self._cumulative, rng.random(self.block_size), side="right")
         return np.minimum(ids, len(self.sources) - 1)
 
     def _load_block(self) -> None:
-        """Compute source and row of this rank's positions in ``self._block``."""
+        """Compute source and row of every position of ``self._block``."""
         ids = self._block_sources(self._block)
-        # occurrence of each position within its source, counted over all ranks (stable group rank)
+        # occurrence of each position within its source (stable group rank)
         order = np.argsort(ids, kind="stable")
         sorted_ids = ids[order]
         within = np.arange(len(ids)) - np.searchsorted(sorted_ids, sorted_ids, side="left")
         draws = np.empty(len(ids), dtype=np.int64)
         draws[order] = within
-        draws += self._block_counts[ids]  # (block_size,) global draw number k of the position's source
+        draws += self._block_counts[ids]  # (block_size,) this lane's draw number k of the position's source
+        draws = draws * self.lanes + self.lane  # the source's global draw g, interleaved over lanes
         self._ids = ids
-        base = self._block * self.block_size
-        first = (self.rank - base) % self.world_size
-        mine = np.arange(first, self.block_size, self.world_size)
-        s, k = ids[mine], draws[mine]
-        sizes = self._sizes[s]
-        epochs = k // sizes
-        keys = _mix64(_mix64(self._seed_key ^ self._source_keys[s]) ^ epochs.astype(_U64))
-        self._rows = np.full(self.block_size, -1, dtype=np.int64)
-        self._rows[mine] = _permute(k % sizes, sizes, keys)
+        sizes = self._sizes[ids]
+        epochs = draws // sizes
+        keys = _mix64(_mix64(self._seed_key ^ self._source_keys[ids]) ^ epochs.astype(_U64))
+        self._rows = _permute(draws % sizes, sizes, keys)
 
     def _seek(self, position: int) -> None:
         """Move forward to the block holding ``position`` (blocks in between only count their draws)."""
@@ -768,7 +765,7 @@ class MixtureStream:
         offset = int(self._rows[j])
         row = source.rows[offset] if isinstance(source.rows, range) else int(source.rows[offset])
         input_ids, target_ids = source.columns.get(row)
-        self._position = position + self.world_size
+        self._position = position + 1
         return {"task": source.task, "index": int(row), "input_ids": input_ids, "target_ids": target_ids,
                 **source.columns.choices(row)}
 
@@ -780,22 +777,22 @@ class MixtureStream:
 
     @property
     def position(self) -> int:
-        """Next global position this rank yields (items yielded so far = (position - rank) / world_size)."""
+        """Next position of this lane (= items it has yielded)."""
         return self._position
 
     def epochs(self) -> dict[str, int]:
-        """Current epoch of every source (over all ranks): how many full passes it has completed."""
+        """Current epoch of every source, as seen by this lane: the epoch of its next draw of the source."""
         j = min(self._position - self._block * self.block_size, self.block_size)
         counts = self._block_counts + np.bincount(self._ids[:j], minlength=len(self.sources))
-        return {s.name: int(c // n) for s, c, n in zip(self.sources, counts, self._sizes)}
+        return {s.name: int((c * self.lanes + self.lane) // n) for s, c, n in zip(self.sources, counts, self._sizes)}
 
     def state_dict(self) -> dict:
         """A small JSON-able dict; :meth:`load_state_dict` on an identically built stream resumes exactly."""
         return {
             "format": STATE_FORMAT,
             "seed": self.seed,
-            "rank": self.rank,
-            "world_size": self.world_size,
+            "lane": self.lane,
+            "lanes": self.lanes,
             "block_size": self.block_size,
             "position": int(self._position),
             "block": int(self._block),
@@ -807,14 +804,14 @@ class MixtureStream:
         """Restore a position in O(1) (one block regenerated, nothing replayed).
 
         Raises:
-            ConfigError: the state belongs to a different mixture, seed, rank layout or format.
+            ConfigError: the state belongs to a different mixture, seed, lane layout or format.
         """
         expected = self.state_dict()
-        for key in ("format", "seed", "rank", "world_size", "block_size"):
+        for key in ("format", "seed", "lane", "lanes", "block_size"):
             if state.get(key) != expected[key]:
                 raise ConfigError(
                     f"cannot resume the mixture stream: saved {key}={state.get(key)!r} but this run has "
-                    f"{expected[key]!r}. Resume with the same mixture, seed and number of processes."
+                    f"{expected[key]!r}. Resume with the same mixture, seed and `data.lanes`."
                 )
         if [list(s) for s in state.get("sources", [])] != expected["sources"]:
             saved = {s[0] for s in state.get("sources", [])}
@@ -825,7 +822,7 @@ class MixtureStream:
                 f"(differences: {', '.join(diff)}). Resume with the same mixture and data."
             )
         block, position = int(state["block"]), int(state["position"])
-        if not block * self.block_size <= position or (position - self.rank) % self.world_size:
+        if not block * self.block_size <= position:
             raise ConfigError(f"corrupt mixture stream state: position {position} for block {block}.")
         self._block = block
         self._block_counts = np.asarray(state["block_counts"], dtype=np.int64)

@@ -252,22 +252,9 @@ class Packer:
         self.stats = {name: int(state["stats"].get(name, 0)) for name in self._counters}
 
     def efficiency(self) -> dict[str, float]:
-        """Packing efficiency over the rows emitted so far.
-
-        Returns:
-            enc-dec: {"input_efficiency", "target_efficiency", "examples_per_row"}; decoder kinds:
-            {"efficiency", "examples_per_row"}. Efficiency = real tokens / row capacity.
-        """
-        rows = max(self.stats["rows"], 1)
-        out = {"examples_per_row": self.stats["examples_packed"] / rows}
-        if self.kind == "encdec":
-            out["input_efficiency"] = self.stats["input_tokens"] / (rows * self.max_input_tokens)
-            targets = self.stats["target_tokens"] + self.stats.get("choice_tokens", 0)  # both fill the target row
-            out["target_efficiency"] = targets / (rows * self.max_target_tokens)
-        else:
-            real = self.stats["input_tokens"] + self.stats["target_tokens"] + self.stats.get("choice_tokens", 0)
-            out["efficiency"] = real / (rows * self.max_tokens)
-        return out
+        """Packing efficiency over the rows emitted so far; see :func:`efficiency_of`."""
+        return efficiency_of(self.stats, self.kind, max_input_tokens=self.max_input_tokens,
+                             max_target_tokens=self.max_target_tokens, max_tokens=self.max_tokens)
 
     # ------------------------------------------------------------------ internals
 
@@ -527,3 +514,25 @@ def build_row(examples: list[dict], kind: str, *, choices: bool = False) -> dict
     if choices:
         row["branch_ids"] = branch
     return row
+
+
+def efficiency_of(stats: dict, kind: str, *, max_input_tokens: int | None = None, max_target_tokens: int | None = None,
+                  max_tokens: int | None = None) -> dict[str, float]:
+    """Packing efficiency of :attr:`Packer.stats` counters (one packer's, or several packers' summed).
+
+    Returns:
+        enc-dec: {"input_efficiency", "target_efficiency", "examples_per_row"}; decoder kinds:
+        {"efficiency", "examples_per_row"}. Efficiency = real tokens / row capacity. Empty without counters.
+    """
+    if not stats:
+        return {}
+    rows = max(stats["rows"], 1)
+    out = {"examples_per_row": stats["examples_packed"] / rows}
+    if kind == "encdec":
+        out["input_efficiency"] = stats["input_tokens"] / (rows * max_input_tokens)
+        targets = stats["target_tokens"] + stats.get("choice_tokens", 0)  # both fill the target row
+        out["target_efficiency"] = targets / (rows * max_target_tokens)
+    else:
+        real = stats["input_tokens"] + stats["target_tokens"] + stats.get("choice_tokens", 0)
+        out["efficiency"] = real / (rows * max_tokens)
+    return out

@@ -141,24 +141,29 @@ def load_eval_examples(mixture: str, *, data_root: Optional[str] = None, cache_d
     return examples, clusters, languages
 
 
-def build_training_data(cfg: Config, tokenizer: Any, kind: str, accelerator: Any = None) -> tuple[Any, Any, Optional[list]]:
-    """The global mixture stream, a packer, and the eval set (None without ``eval.mixture``).
+def build_training_data(cfg: Config, tokenizer: Any, kind: str, accelerator: Any = None, *,
+                        global_rows: int = 1) -> tuple[Any, Optional[list]]:
+    """This rank's data lanes (:class:`~train.data.lanes.DataLanes`) and the eval set (None without ``eval.mixture``).
 
     The eval set is (prompted examples, dataset -> cluster, dataset -> language), see
-    :func:`load_eval_examples`.
+    :func:`load_eval_examples`. ``global_rows``: packed rows per step, all ranks together; the lanes
+    (``data.lanes``) split it, and this rank builds only its own lanes' rows.
 
-    Every rank builds the same global stream; the main process renders and tokenizes first so the
-    others read its ``datasets`` cache instead of racing to write it.
+    Every rank tokenizes the same tasks; the main process renders and tokenizes first so the others read
+    its ``datasets`` cache instead of racing to write it.
 
     Raises:
-        ConfigError: unknown tasks, held-out overlap, bad rates.
+        ConfigError: unknown tasks, held-out overlap, bad rates, lanes that do not fit the batch and ranks.
         DataError: unreadable data, templates that fail on most rows, tasks with no examples.
     """
+    from train.data.lanes import DataLanes, resolve_lanes
     from train.data.mixtures import MixtureStream, count_examples, plan_mixture
     from train.data.packing import Packer
     from train.data.tasks import check_held_out
     from train.data.tokenization import tokenize_prompted
 
+    rank, world_size = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+    lanes = resolve_lanes(cfg.data.lanes, global_rows, world_size)  # before any heavy work
     spec, tasks = load_train_tasks(cfg)
     eval_file = load_eval_file(cfg.eval.mixture, cfg) if cfg.eval.mixture else None
     if eval_file is not None:
@@ -177,10 +182,51 @@ def build_training_data(cfg: Config, tokenizer: Any, kind: str, accelerator: Any
                       if eval_file is not None else None)
     plan = plan_mixture(spec, count_examples(tokenized))
     stream = MixtureStream.from_plan(plan, tokenized, seed=cfg.trainer.seed)
-    packer = Packer(kind, max_input_tokens=cfg.data.max_input_tokens, max_target_tokens=cfg.data.max_target_tokens,
-                    max_tokens=cfg.data.max_tokens, pack=cfg.data.packing, window=cfg.data.pack_window,
-                    overlong_policy=cfg.data.overlong, choices=cfg.trainer.loss_weights.choice_losses())
-    return stream, packer, evaluation
+
+    def make_packer() -> Packer:
+        return Packer(kind, max_input_tokens=cfg.data.max_input_tokens, max_target_tokens=cfg.data.max_target_tokens,
+                      max_tokens=cfg.data.max_tokens, pack=cfg.data.packing, window=cfg.data.pack_window,
+                      overlong_policy=cfg.data.overlong, choices=cfg.trainer.loss_weights.choice_losses())
+
+    data = DataLanes(stream, make_packer, lanes=lanes, global_rows=global_rows, rank=rank, world_size=world_size)
+    return data, evaluation
+
+
+def step_counts(rows: list[dict], packer_stats: dict, kind: str, cfg: Config, *, micro_batch_rows: int,
+                tasks: list[str]) -> dict[str, float]:
+    """Additive counts of one rank's rows of a step, in a key order every rank shares (``tasks`` fixed).
+
+    Summed over ranks they give the step's global figures (:func:`packing_metrics`, the trainer's task
+    counts): ``tokens``, ``examples``, ``rows``, ``choice_sets``; per side, real tokens and the token slots
+    of the collated tensors (each micro-batch of ``micro_batch_rows`` consecutive rows padded as
+    ``data.pad_to`` says); examples and real tokens per task (segment ``s`` of a row belongs to
+    ``tasks[s - 1]``); and the packers' cumulative counters (``packer/<name>``).
+    """
+    from train.data.packing import count_choice_sets
+
+    out: dict[str, float] = {"tokens": sum(len(r.get("input_ids", [])) + len(r.get("target_ids", [])) for r in rows),
+                             "examples": sum(len(r["tasks"]) for r in rows), "rows": len(rows),
+                             "choice_sets": count_choice_sets(rows) if cfg.trainer.loss_weights.choice_losses() else 0}
+    longest = cfg.data.padding() == "longest"
+    for side, key in (("input", "input_ids"), ("target", "target_ids")) if kind == "encdec" else (("", "input_ids"),):
+        out[f"real_{side}"] = sum(len(r[key]) for r in rows)
+        slots = 0
+        for i in range(0, len(rows), micro_batch_rows):
+            chunk = rows[i:i + micro_batch_rows]
+            slots += len(chunk) * (max(len(r[key]) for r in chunk) if longest else _capacity(cfg, kind, side))
+        out[f"slots_{side}"] = slots
+    examples = Counter(t for r in rows for t in r["tasks"])
+    tokens = task_tokens(rows)
+    out.update({f"examples/{t}": examples.get(t, 0) for t in tasks})
+    out.update({f"tokens/{t}": tokens.get(t, 0) for t in tasks})
+    out.update({f"packer/{name}": value for name, value in sorted(packer_stats.items())})
+    return out
+
+
+def _capacity(cfg: Config, kind: str, side: str) -> int:
+    if kind != "encdec":
+        return cfg.data.max_tokens
+    return cfg.data.max_input_tokens if side == "input" else cfg.data.max_target_tokens
 
 
 def task_tokens(rows: list[dict]) -> Counter:
@@ -195,36 +241,24 @@ def task_tokens(rows: list[dict]) -> Counter:
     return out
 
 
-def packing_metrics(rows: list[dict], packer: Any, kind: str, cfg: Config, *, micro_batch_rows: int) -> dict:
-    """Per-step packing figures for the logs: efficiency, examples per row, truncations and drops so far.
+def packing_metrics(counts: dict[str, float], kind: str, cfg: Config) -> dict:
+    """Per-step packing figures for the logs from a step's :func:`step_counts` (summed over ranks).
 
     Two efficiencies, both real tokens over slots: ``packing/efficiency`` over the row capacity (what the
     packer achieved; unchanged by ``data.pad_to``), and ``packing/tensor_efficiency`` over the slots of the
-    collated tensors the model computed (each micro-batch of ``micro_batch_rows`` consecutive rows padded
-    as ``data.pad_to`` says). enc-dec: both are the encoder side's; ``*_input_*`` / ``*_target_*`` give
-    each side.
+    collated tensors the model computed. enc-dec: both are the encoder side's; ``*_input_*`` /
+    ``*_target_*`` give each side. Also the packers' truncations and drops so far.
     """
-    n = max(len(rows), 1)
-    out = {"packing/examples_per_row": sum(len(r["tasks"]) for r in rows) / n}
-    if kind == "encdec":
-        sides = {"input": ("input_ids", cfg.data.max_input_tokens),
-                 "target": ("target_ids", cfg.data.max_target_tokens)}
-    else:
-        sides = {"": ("input_ids", cfg.data.max_tokens)}
-    longest = cfg.data.padding() == "longest"
-    for side, (key, capacity) in sides.items():
-        real = sum(len(r[key]) for r in rows)
-        slots = 0  # token slots of the collated tensors, micro-batch by micro-batch
-        for i in range(0, len(rows), micro_batch_rows):
-            chunk = rows[i:i + micro_batch_rows]
-            slots += len(chunk) * (max(len(r[key]) for r in chunk) if longest else capacity)
+    n = max(counts["rows"], 1)
+    out = {"packing/examples_per_row": counts["examples"] / n}
+    for side in ("input", "target") if kind == "encdec" else ("",):
         name = f"{side}_" if side else ""
-        out[f"packing/{name}efficiency"] = real / (n * capacity)
-        out[f"packing/tensor_{name}efficiency"] = real / max(slots, 1)
+        out[f"packing/{name}efficiency"] = counts[f"real_{side}"] / (n * _capacity(cfg, kind, side))
+        out[f"packing/tensor_{name}efficiency"] = counts[f"real_{side}"] / max(counts[f"slots_{side}"], 1)
     if kind == "encdec":
         out["packing/efficiency"] = out["packing/input_efficiency"]
         out["packing/tensor_efficiency"] = out["packing/tensor_input_efficiency"]
-    for key, value in packer.stats.items():
-        if key.startswith(("truncated", "dropped")):
-            out[f"packing/{key}"] = value
+    for key, value in counts.items():
+        if key.startswith(("packer/truncated", "packer/dropped")):
+            out[f"packing/{key[len('packer/'):]}"] = int(value)
     return out

@@ -4,7 +4,7 @@ Layout of ``<output_dir>/checkpoints/``::
 
     step-00000040/            a complete checkpoint
         COMPLETE              written last, after everything else; its absence means "never load me"
-        trainer_state.json    step, tokens seen, the data stream's and the packer's state, the config
+        trainer_state.json    step, tokens seen, every data lane's stream and packer state, the config
         accelerate/           accelerator.save_state(): model, optimizer, RNG states (per rank)
     .tmp-step-00000050/       a checkpoint being written (or one a killed process left half-written)
 
@@ -36,7 +36,7 @@ MARKER = "COMPLETE"
 STATE_FILE = "trainer_state.json"
 PREFIX = "step-"
 REJECTED_PREFIX = "rejected-"
-STATE_KEYS = {"step": int, "tokens_seen": int, "examples_seen": int, "stream": dict, "packer": dict}
+STATE_KEYS = {"step": int, "tokens_seen": int, "examples_seen": int, "data": dict}  # data: every lane's stream + packer
 PICKLE_SUFFIXES = (".bin", ".pkl", ".pt", ".pth")
 
 
@@ -121,6 +121,10 @@ def verify_checkpoint(path: Path, *, trust: bool = False) -> dict:
         raise CheckpointError(f"checkpoint {path}: {STATE_FILE} is damaged ({err}).") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path}: {STATE_FILE} is damaged (not a mapping).")
+    if "data" not in state and "stream" in state:
+        raise CheckpointError(f"checkpoint {path} was written before data lanes (one global stream and packer); this "
+                              "version cannot continue its data position. Resume it with the version that wrote it, "
+                              "or start a new run (`trainer.resume=none` or another `run.output_dir`).")
     problems = [f"`{k}` missing" if k not in state else f"`{k}` is not {t.__name__}"
                 for k, t in STATE_KEYS.items() if not isinstance(state.get(k), t) or isinstance(state.get(k), bool)]
     if problems:

@@ -40,7 +40,9 @@ class TrainContext:
     task_counts: Counter = field(default_factory=Counter)  # examples trained on per task, all ranks
     task_tokens: Counter = field(default_factory=Counter)  # real tokens (input + target) trained on per task
     examples_with_choices: int = 0  # examples trained with a usable answer-choice set (T-Few's choice losses)
-    trainer_state: Any = None  # callable returning the resumable state dict (stream, packer, counters)
+    packing_stats: dict = field(default_factory=dict)  # the packers' counters so far, all lanes of all ranks
+    packing: dict = field(default_factory=dict)  # packing efficiency so far, from packing_stats
+    trainer_state: Any = None  # callable returning the resumable state dict (data lanes, counters)
     stop_reason: Optional[str] = None  # "preempted" | "max_time" when the run must stop after this step
     eval_results: Optional[dict] = None
     best_metric_value: Optional[float] = None

@@ -1,11 +1,16 @@
 """The training loop: one function, :func:`train`, readable top to bottom.
 
-Data parallelism is exact by construction: every rank draws the same *global* mixture stream and packs
-the same global rows (packing is cheap next to a forward pass), then takes its own contiguous slice of
-the step's rows. So the examples trained on in a step, and their per-example losses, do not depend on
-the number of ranks; with global loss denominators (all-reduced before the backward passes) neither
-does the gradient. Resuming restores the stream's and the packer's ``state_dict``: nothing is
-replayed or skipped.
+Data parallelism is exact by construction, and each rank's data work does not grow with the number of
+ranks. A step's global batch is built by ``L`` independent *lanes* (:mod:`train.data.lanes`), each a
+mixture lane feeding its own packer; ``L`` (``data.lanes``) depends on the config and the global batch,
+never on the number of ranks, and each rank builds only its own lanes, which are exactly its contiguous
+slice of the step's global rows. So the examples trained on in a step, and their per-example losses, do
+not depend on the number of ranks, while a rank packs ``global rows / ranks`` rows per step (before
+lanes, every rank packed the whole global batch and kept its slice: N times the work at N ranks). With
+global loss denominators (all-reduced before the backward passes) neither does the gradient; the same
+all-reduce carries the step's data counts (tokens, examples per task, packing), so the logs describe the
+global batch. Resuming restores every lane's stream and packer ``state_dict`` (a checkpoint gathers all
+lanes, so a resume may use another rank count): nothing is replayed or skipped.
 """
 
 from __future__ import annotations
@@ -29,7 +34,6 @@ from train.loop import checkpointing
 from train.loop.rundir import RunLock, RunRecord, check_run_dir
 from train.loop.hooks import CheckpointHook, EvalHook, LoggingHook, PreemptionHook, TrainContext
 from train.modeling import adapters, losses
-from train.data.packing import count_choice_sets
 from train.modeling.features import check_choice_support, collate, model_forward
 from train.modeling.models import ModelInfo, load_model_config, load_tokenizer, model_info
 
@@ -175,8 +179,13 @@ def train(cfg: Config) -> dict:
     with setup_run(cfg) as run:
         plan, accelerator, kind = run.plan, run.accelerator, run.info.kind
         check_choice_support(run.info.model_type, choices=cfg.trainer.loss_weights.choice_losses())  # BLOOM: refused
-        # ---- data: mixture stream -> packer (global, identical on every rank)
-        stream, packer, eval_set = pipeline.build_training_data(cfg, run.tokenizer, kind, accelerator)
+        # ---- data: this rank's lanes (mixture lane -> packer each), whose rows are its slice of the global batch
+        data, eval_set = pipeline.build_training_data(cfg, run.tokenizer, kind, accelerator, global_rows=plan.global_rows)
+        lanes = f"data lanes {data.mine.start}-{data.mine.stop - 1} of {data.lanes} ({plan.rows_per_rank} rows per step)"
+        if plan.world_size > 1:  # one write per rank with its newline, so the lines cannot interleave
+            print(f"[mtf] rank {accelerator.process_index}/{plan.world_size} builds {lanes}\n", end="", flush=True)
+        else:
+            accelerator.print(f"[mtf] builds {lanes}")
         # ---- model and optimizer; the LR is a pure function of the step (see set_lr)
         model, optimizer, (trainable, total) = prepare_model(cfg, run)
         accelerator.print(f"[mtf] {plan.describe()}; model kind {kind}; device {accelerator.device}; "
@@ -185,10 +194,11 @@ def train(cfg: Config) -> dict:
         lr_at = lr_lambda(cfg)
         ctx = TrainContext(cfg=cfg, accelerator=accelerator, model=model, tokenizer=run.tokenizer, kind=kind)
         ctx.flops_per_token = 6.0 * total  # frozen weights still cost their forward and input-gradient FLOPs
-        resume(cfg, ctx, stream, packer, run.output_dir)
-        ctx.trainer_state = lambda: trainer_state(cfg, ctx, stream, packer)
+        resume(cfg, ctx, data, run.output_dir)
+        ctx.trainer_state = lambda: trainer_state(cfg, ctx, data)
         ctx.export = lambda out: export(cfg, run, model, Path(out))
-        run.record = start_record(cfg, run, ctx, stream)
+        run.record = start_record(cfg, run, ctx, data)
+        tasks = sorted({s.task for s in data.sources})  # the order of the per-task counts every rank sums
 
         preemption = PreemptionHook(ctx)
         logging_hook, eval_hook = LoggingHook(ctx), EvalHook(ctx, eval_set)
@@ -208,10 +218,11 @@ def train(cfg: Config) -> dict:
         model.train()
         while ctx.step < cfg.trainer.max_steps and ctx.stop_reason is None:
             step_start = time.perf_counter()
-            rows = [packer.next_row(stream) for _ in range(plan.global_rows)]  # (global_rows,) identical on all ranks
+            rows = data.next_rows()  # (rows_per_rank,) this rank's slice of the step's global rows
             announce = ctx.step + 1 if ctx.step == start_step else None  # the first step prints each rank's rows
             micro_batches = rank_micro_batches(cfg, run, rows, announce_step=announce)
-            denominators = global_denominators(micro_batches, mode, weights, plan, accelerator)
+            counts = pipeline.step_counts(rows, data.stats, kind, cfg, micro_batch_rows=plan.micro_batch_size, tasks=tasks)
+            denominators, counts = global_step_sums(micro_batches, counts, mode, weights, plan, accelerator)
             ctx.lr = set_lr(optimizer, cfg.optim.lr * lr_at(ctx.step))
             numerator_sums = torch.zeros(len(weights), device=accelerator.device)  # (losses,) in weights' order
             # accelerate syncs and steps when its micro-batch counter hits a multiple of grad_accum. A step
@@ -245,8 +256,7 @@ def train(cfg: Config) -> dict:
                     f"non-finite loss ({ctx.last_loss}) at step {ctx.step + 1}; stopped without saving this step. "
                     f"The last good checkpoint under {checkpointing.checkpoint_dir(run.output_dir)} is intact. "
                     "Lower `optim.lr`, use `trainer.precision=bf16` or fp32 (not fp16 for T5), or check the data.")
-            record_step(cfg, ctx, rows, packer, grad_norm, time.perf_counter() - step_start, components,
-                        micro_batch_rows=plan.micro_batch_size)
+            record_step(cfg, ctx, counts, tasks, grad_norm, time.perf_counter() - step_start, components)
             preemption.check(ctx)
             for hook in step_hooks:
                 hook.on_step_end(ctx)
@@ -262,7 +272,7 @@ def train(cfg: Config) -> dict:
                    "checkpoint_seconds": ctx.checkpoint_seconds, "output_dir": str(run.output_dir),
                    "train_loop_seconds": loop_seconds, "final_eval_and_save_seconds": time.perf_counter() - end_start,
                    "tokens_per_second": (ctx.tokens_seen - start_tokens) / max(loop_seconds, 1e-9),
-                   "packing": packer.efficiency(), "packing_stats": dict(packer.stats),
+                   "packing": ctx.packing, "packing_stats": ctx.packing_stats,
                    "examples_with_choices": ctx.examples_with_choices}
         run.record.write(status=ctx.stop_reason or "completed", steps=ctx.step, stop_reason=ctx.stop_reason,
                          final_loss=ctx.last_loss, train_loop_seconds=loop_seconds,
@@ -433,8 +443,8 @@ def export(cfg: Config, run: RunSetup, model: Any, out: Path) -> None:
                             rebuild=rebuild)
 
 
-def resume(cfg: Config, ctx: TrainContext, stream: Any, packer: Any, output_dir: Path) -> None:
-    """Restore weights, optimizer, RNG, the stream's and packer's positions and the counters, if a checkpoint is due.
+def resume(cfg: Config, ctx: TrainContext, data: Any, output_dir: Path) -> None:
+    """Restore weights, optimizer, RNG, this rank's data lanes' positions and the counters, if a checkpoint is due.
 
     Every file is verified first (no unpickling of code, nothing truncated), and the checkpoint's config
     must match this run's except for keys that cannot change the training (see ``RESUME_MAY_CHANGE``).
@@ -461,8 +471,7 @@ def resume(cfg: Config, ctx: TrainContext, stream: Any, packer: Any, output_dir:
             "(or `[\"*\"]`), or start a new run (`trainer.resume=none` or another `run.output_dir`).")
     checkpointing.load_checkpoint(accelerator, resume_from, trust=t.trust_checkpoint)
     try:
-        stream.load_state_dict(state["stream"])
-        packer.load_state_dict(state["packer"])
+        data.load_state_dict(state["data"])
     except (KeyError, TypeError, ValueError, IndexError) as err:
         raise CheckpointError(f"checkpoint {resume_from}: the data position in {checkpointing.STATE_FILE} is damaged "
                               f"({type(err).__name__}: {err}). Resume from an earlier checkpoint with "
@@ -472,37 +481,48 @@ def resume(cfg: Config, ctx: TrainContext, stream: Any, packer: Any, output_dir:
     ctx.task_tokens = Counter(state.get("task_tokens", {}))
     ctx.examples_with_choices = int(state.get("examples_with_choices", 0))
     ctx.best_metric_value = state.get("best_metric_value")
+    ctx.packing_stats = state.get("packing_stats", {})
     accelerator.print(f"[mtf] resumed from {resume_from} at step {ctx.step}")
 
 
-def start_record(cfg: Config, run: RunSetup, ctx: TrainContext, stream: Any) -> RunRecord:
+def start_record(cfg: Config, run: RunSetup, ctx: TrainContext, data: Any) -> RunRecord:
     """Write ``run.json`` (status running) with the plan and the mixture as planned: what `mtf report` compares to;
     and ``few_shot.json`` (the rows few-shot tasks train on) when the mixture has any."""
     if run.accelerator.is_main_process:
         pipeline.write_few_shot_record(cfg, run.output_dir)
     mixture = [{"name": s.name, "task": s.task, "examples": len(s.rows), "probability": float(s.probability)}
-               for s in stream.sources]
+               for s in data.sources]
     return RunRecord(run.output_dir, run.accelerator.is_main_process, max_steps=cfg.trainer.max_steps,
                      start_step=ctx.step, world_size=run.plan.world_size, batch_plan=run.plan.describe(),
                      model_kind=run.info.kind, mixture=mixture)
 
 
-def trainer_state(cfg: Config, ctx: TrainContext, stream: Any, packer: Any) -> dict:
-    """The resumable state written next to each checkpoint (``trainer_state.json``)."""
+def trainer_state(cfg: Config, ctx: TrainContext, data: Any) -> dict:
+    """The resumable state written next to each checkpoint (``trainer_state.json``); call on every rank.
+
+    Every rank's lanes are gathered (a collective), so the file holds all lanes and a resume may use
+    another number of ranks.
+    """
+    from accelerate.utils import gather_object
+
+    from train.data.lanes import merge_states
+
+    local = data.state_dict()
+    states = gather_object([local]) if ctx.accelerator.num_processes > 1 else [local]
     return {"step": ctx.step, "tokens_seen": ctx.tokens_seen, "examples_seen": ctx.examples_seen,
-            "stream": stream.state_dict(), "packer": packer.state_dict(),
+            "data": merge_states(states), "packing_stats": ctx.packing_stats,
             "task_counts": dict(ctx.task_counts), "task_tokens": dict(ctx.task_tokens), "best_metric_value": ctx.best_metric_value,
             "examples_with_choices": ctx.examples_with_choices,
             "config": to_dict(cfg)}
 
 
 def rank_micro_batches(cfg: Config, run: RunSetup, rows: list[dict], announce_step: Optional[int] = None) -> list[dict]:
-    """This rank's contiguous slice of the step's global rows, collated into micro-batches.
+    """This rank's rows of the step (its contiguous slice of the global rows), collated into micro-batches.
 
     With ``announce_step`` and several ranks, each rank prints a digest of its rows for that step.
     """
     plan, rank, info = run.plan, run.accelerator.process_index, run.info
-    mine = rows[rank * plan.rows_per_rank:(rank + 1) * plan.rows_per_rank]
+    mine = rows
     if announce_step is not None and plan.world_size > 1:
         # Evidence that the run is really data parallel: each rank trains on different rows.
         digest = hashlib.sha1(json.dumps([r["input_ids"] for r in mine]).encode()).hexdigest()[:12]
@@ -514,13 +534,14 @@ def rank_micro_batches(cfg: Config, run: RunSetup, rows: list[dict], announce_st
             for i in range(0, len(mine), plan.micro_batch_size)]
 
 
-def global_denominators(micro_batches: list[dict], mode: str, weights: dict[str, float], plan: BatchPlan,
-                        accelerator: Any) -> dict[str, float]:
-    """Each active loss's denominator for the whole step over all ranks, known before any backward pass.
+def global_step_sums(micro_batches: list[dict], counts: dict[str, float], mode: str, weights: dict[str, float],
+                     plan: BatchPlan, accelerator: Any) -> tuple[dict[str, float], dict[str, float]]:
+    """(each active loss's denominator, the step's data counts), both summed over all ranks before any backward pass.
 
-    So the gradient is independent of micro-batching, accumulation and rank count. Each is a count
-    (tokens, sequences, targets, wrong-choice tokens, examples with choices), so the all-reduced float64
-    sum is exact in any order; one all-reduce carries all of them.
+    The denominators make the gradient independent of micro-batching, accumulation and rank count. Every
+    value is a count (tokens, sequences, targets, wrong-choice tokens, examples with choices; the
+    :func:`~train.data.pipeline.step_counts` of this rank's rows), so the all-reduced float64 sum is exact
+    in any order; one all-reduce carries all of them.
     """
     import torch
 
@@ -528,10 +549,12 @@ def global_denominators(micro_batches: list[dict], mode: str, weights: dict[str,
     for batch in micro_batches:
         for i, value in enumerate(losses.local_denominators(batch, mode, weights).values()):
             totals[i] += float(value)
+    values = totals + [float(v) for v in counts.values()]
     if plan.world_size > 1:
-        totals = accelerator.reduce(torch.tensor(totals, dtype=torch.float64, device=accelerator.device),
+        values = accelerator.reduce(torch.tensor(values, dtype=torch.float64, device=accelerator.device),
                                     reduction="sum").tolist()
-    return dict(zip(weights, (float(t) for t in totals)))
+    denominators = dict(zip(weights, (float(v) for v in values[:len(weights)])))
+    return denominators, dict(zip(counts, values[len(weights):]))
 
 
 def set_lr(optimizer: Any, lr: float) -> float:
@@ -545,24 +568,29 @@ def set_lr(optimizer: Any, lr: float) -> float:
     return lr
 
 
-def record_step(cfg: Config, ctx: TrainContext, rows: list[dict], packer: Any, grad_norm: Any, seconds: float,
-                components: Optional[dict] = None, *, micro_batch_rows: int) -> None:
-    """Advance the step and the counters the hooks read (tokens, examples, task counts, packing figures).
+def record_step(cfg: Config, ctx: TrainContext, counts: dict[str, float], tasks: list[str], grad_norm: Any,
+                seconds: float, components: Optional[dict] = None) -> None:
+    """Advance the step and the counters the hooks read (tokens, examples, task counts, packing figures),
+    from the step's data ``counts`` summed over ranks (:func:`global_step_sums`).
 
     With T-Few's choice losses on, also each loss of the step (``train/loss_<name>``; absent for a loss
     whose denominator was 0 this step) and the examples trained with a usable choice set (cumulative).
     """
+    from train.data.packing import efficiency_of
+
     ctx.step += 1
     ctx.last_grad_norm = float(grad_norm) if grad_norm is not None else None
-    step_tokens = sum(len(r.get("input_ids", [])) + len(r.get("target_ids", [])) for r in rows)
+    step_tokens = int(counts["tokens"])
     ctx.tokens_seen += step_tokens
-    ctx.examples_seen += sum(len(r["tasks"]) for r in rows)
-    ctx.task_counts.update(t for r in rows for t in r["tasks"])
-    ctx.task_tokens.update(pipeline.task_tokens(rows))
-    ctx.step_metrics = {"tokens": step_tokens, "step_seconds": seconds,
-                        **pipeline.packing_metrics(rows, packer, ctx.kind, cfg, micro_batch_rows=micro_batch_rows)}
+    ctx.examples_seen += int(counts["examples"])
+    ctx.task_counts.update({t: int(counts[f"examples/{t}"]) for t in tasks if counts[f"examples/{t}"]})
+    ctx.task_tokens.update({t: int(counts[f"tokens/{t}"]) for t in tasks if counts[f"tokens/{t}"]})
+    ctx.packing_stats = {k[len("packer/"):]: int(v) for k, v in counts.items() if k.startswith("packer/")}
+    ctx.packing = efficiency_of(ctx.packing_stats, ctx.kind, max_input_tokens=cfg.data.max_input_tokens,
+                                max_target_tokens=cfg.data.max_target_tokens, max_tokens=cfg.data.max_tokens)
+    ctx.step_metrics = {"tokens": step_tokens, "step_seconds": seconds, **pipeline.packing_metrics(counts, ctx.kind, cfg)}
     if cfg.trainer.loss_weights.choice_losses():
-        ctx.examples_with_choices += count_choice_sets(rows)
+        ctx.examples_with_choices += int(counts["choice_sets"])
         ctx.step_metrics["examples_with_choices"] = ctx.examples_with_choices
         ctx.step_metrics.update({f"train/loss_{name}": value for name, value in (components or {}).items()
                                  if value is not None})
