@@ -6,7 +6,8 @@ infinite mixture stream whose position is a small ``state_dict``, and packed row
 positions, plus the eval mixture's prompted examples. Knows nothing of models beyond their kind.
 
 Modules, in data-flow order: templates, preprocessors, few_shot (k rows of a task drawn with a seed),
-tasks, tokenization, mixtures, packing, pipeline (wires them for one run), mixture_report (``mtf mixture show``).
+tasks, tokenization, mixtures, packing, lanes (a rank's share of the global batch: mixture lanes and
+their packers), pipeline (wires them for one run), mixture_report (``mtf mixture show``).
 """
 
 from train import lazy_exports
@@ -22,9 +23,9 @@ _EXPORTS = {
     "MixtureSpec": "mixtures", "MemberSpec": "mixtures", "RateSpec": "mixtures", "MixturePlan": "mixtures",
     "MixtureStream": "mixtures", "load_mixture_spec": "mixtures", "plan_mixture": "mixtures",
     "count_examples": "mixtures",
-    "Packer": "packing", "build_row": "packing",
+    "Packer": "packing", "build_row": "packing", "DataLanes": "lanes", "resolve_lanes": "lanes",
     "build_training_data": "pipeline", "load_mixture_tasks": "pipeline", "load_train_tasks": "pipeline",
-    "load_eval_examples": "pipeline", "packing_metrics": "pipeline", "few_shot_record": "pipeline",
+    "load_eval_examples": "pipeline", "packing_metrics": "pipeline", "step_counts": "pipeline", "few_shot_record": "pipeline",
     "write_few_shot_record": "pipeline",
     "show_mixture": "mixture_report", "format_mixture_report": "mixture_report",
     "plot_mixture_report": "mixture_report",
