@@ -290,13 +290,14 @@ def test_max_time_stops_cleanly_with_a_checkpoint_and_the_switches_work(tmp_path
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
 
 
-def test_pad_to_resolves_from_packing(monkeypatch):
+def test_pad_to_auto_is_longest_and_capacity_stays_available(monkeypatch):
     from train.config import load_config
     from train.loop.trainer import plan_batch
 
     monkeypatch.chdir(REPO)
     plan = lambda *overrides: plan_batch(load_config("configs/demo.yaml", list(overrides)), "encdec", 1)  # noqa: E731
-    assert plan().pad_to == "capacity" and "(2,048 token slots)" in plan().describe()  # packed: static shapes
+    assert plan().pad_to == "longest" and "(at most 2,048 token slots, each micro-batch" in plan().describe()
+    assert plan("data.pad_to=capacity").pad_to == "capacity" and "(2,048 token slots)" in plan("data.pad_to=capacity").describe()
     assert plan("data.packing=false").pad_to == "longest"
     described = plan("data.packing=false").describe()
     assert "at most 2,048 token slots, each micro-batch padded to its longest row" in described

@@ -84,14 +84,14 @@ class DataConfig:
     cache_dir: Optional[str] = None  # datasets cache (defaults to HF_DATASETS_CACHE)
 
     def padding(self) -> str:
-        """``pad_to`` with "auto" resolved: "longest" when unpacked, "capacity" when packed.
+        """``pad_to`` with "auto" resolved: "longest", each micro-batch padded to its longest row (enc-dec: per side).
 
-        Packed rows are nearly full, so trimming them buys little and static shapes are kept; an unpacked
-        row is one example, and padding it to the capacity made ``packing=false`` an unfair baseline.
+        An unpacked row is one example, and padding it to the capacity made ``packing=false`` an unfair
+        baseline; a packed enc-dec row fills its encoder side but often not its decoder side (T0-style
+        short targets in a 256-token target row), where the decoder's output layer then ran over padding.
+        "capacity" stays for static shapes (torch.compile, XLA); losses are the same either way.
         """
-        if self.pad_to != "auto":
-            return self.pad_to
-        return "capacity" if self.packing else "longest"
+        return "longest" if self.pad_to == "auto" else self.pad_to
 
 
 @dataclass
