@@ -6,10 +6,15 @@ copy, so the encoder runs ``num_choices`` times per example. ``train.evaluation`
 the encoder states. Both score the same tokens; the script checks the scores agree.
 
 Usage:
-    python scripts/bench_eval.py [--num-examples 64] [--batch-size 8] [--json]
+    python scripts/bench_eval.py [--num-examples 64] [--batch-size 8] [--repeats 5] [--threads 1] [--json]
+
+Timing: one warm-up call of each scorer, then ``--repeats`` rounds alternating the two, the order
+reversed every round (scripts/bench_baselines.py), with ``--threads`` torch threads. Each scorer's
+examples/s is reported as median, min and max over the rounds; the ratio is encoder-once over naive,
+the ratio of the medians, with the min and max of the per-round ratios.
 
 Needs ../shared/data (COPA and Cosmos QA validation sets, the T5 tokenizer). Prints, per task,
-naive_examples_per_s, encoder_once_examples_per_s, ratio and max_abs_score_diff.
+naive_examples_per_s, encoder_once_examples_per_s, ratio (ratio_min, ratio_max) and max_abs_score_diff.
 """
 
 from __future__ import annotations
@@ -28,7 +33,9 @@ import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))  # the alternation discipline
 
+import bench_baselines as bb  # noqa: E402
 from train import evaluation as ev  # noqa: E402
 
 SHARED_DATA = Path(os.environ.get("MTF_SHARED_DIR", REPO.parent / "shared")) / "data"
@@ -76,37 +83,42 @@ def naive_scores(model, items: list[ev.RankItem], batch_size: int, pad_id: int) 
 
 
 def bench_task(model, tokenizer, examples: list[dict], batch_size: int, repeats: int) -> dict:
+    """Alternate the two scorers (order reversed every round), one warm-up call each, ``repeats`` rounds."""
     evaluator = ev.ZeroShotEvaluator(tokenizer, examples, kind="encdec")
     items = evaluator.rank_items
     # Same example order for both (the encoder-once path sorts by length itself; naive gets it pre-sorted
     # too so padding waste is comparable).
     items_sorted = sorted(items, key=lambda it: -len(it.prompt_ids))
     pad = evaluator.pad
-
-    def run_fast():
-        return ev.score_rank_items(model, items, "encdec", batch_size=batch_size, pad_id=pad)
-
-    def run_naive():
-        return naive_scores(model, items_sorted, batch_size, pad)
-
-    with torch.no_grad():
-        run_fast(), run_naive()  # warm-up
-        t_fast, t_naive = [], []
-        for _ in range(repeats):  # interleaved, best of N: robust to load from other processes
-            t0 = time.perf_counter()
-            fast = run_fast()
-            t_fast.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            naive = run_naive()
-            t_naive.append(time.perf_counter() - t0)
-    diff = max(abs(a - b) for i in naive for a, b in zip(naive[i], fast[i].sum_logprob))
     n = len(items)
+    scores = {}
+
+    def timed(name: str, fn):
+        def once() -> float:
+            start = time.perf_counter()
+            scores[name] = fn()
+            return n / (time.perf_counter() - start)  # examples/s
+        return once
+
+    arms = {"encoder_once": timed("encoder_once", lambda: ev.score_rank_items(model, items, "encdec",
+                                                                              batch_size=batch_size, pad_id=pad)),
+            "naive": timed("naive", lambda: naive_scores(model, items_sorted, batch_size, pad))}
+    with torch.no_grad():
+        for once in arms.values():  # warm-up, not timed
+            once()
+        rates = bb.alternate(arms, repeats)
+    fast, naive = scores["encoder_once"], scores["naive"]
+    diff = max(abs(a - b) for i in naive for a, b in zip(naive[i], fast[i].sum_logprob))
+    ratio = bb.ratio(rates["encoder_once"], rates["naive"])
     return {
         "num_examples": n,
         "num_choices": sorted({len(it.choice_ids) for it in items}),
-        "naive_examples_per_s": n / min(t_naive),
-        "encoder_once_examples_per_s": n / min(t_fast),
-        "ratio": min(t_naive) / min(t_fast),
+        "repeats": repeats,
+        "naive_examples_per_s": bb.spread(rates["naive"]),
+        "encoder_once_examples_per_s": bb.spread(rates["encoder_once"]),
+        "ratio": ratio["ratio"],  # encoder-once over naive: the ratio of the median rates
+        "ratio_min": ratio["min"],  # min and max of the per-round ratios
+        "ratio_max": ratio["max"],
         "max_abs_score_diff": diff,
     }
 
@@ -115,11 +127,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-examples", type=int, default=64, help="examples per task")
     parser.add_argument("--batch-size", type=int, default=8, help="examples per forward")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per method (best is reported)")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help=f"alternating timed rounds per method (>= {bb.MIN_REPEATS}): median, min and max reported")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads; 1 (default) keeps timings stable on a shared machine")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
+    if args.repeats < bb.MIN_REPEATS:
+        parser.error(f"--repeats must be at least {bb.MIN_REPEATS}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if not SHARED_DATA.is_dir():
@@ -140,14 +155,20 @@ def main(argv: list[str] | None = None) -> int:
         "cosmos_qa (4 choices)": bench_task(model, tokenizer, cosmos_examples(args.num_examples),
                                             args.batch_size, args.repeats),
     }
+    results["threads"] = torch.get_num_threads()
+    results["batch_size"] = args.batch_size
     if args.json:
         print(json.dumps(results, indent=2))
     else:
         print(f"T5 d256 4+4 layers, vocab {len(tokenizer)}, batch {args.batch_size} examples, "
-              f"{torch.get_num_threads()} threads")
+              f"{torch.get_num_threads()} threads, {args.repeats} alternating rounds (median, min-max)")
         for task, r in results.items():
-            print(f"{task:<28} naive {r['naive_examples_per_s']:7.1f} ex/s   encoder-once "
-                  f"{r['encoder_once_examples_per_s']:7.1f} ex/s   ratio {r['ratio']:.2f}x   "
+            if not isinstance(r, dict):
+                continue
+            naive, fast = r["naive_examples_per_s"], r["encoder_once_examples_per_s"]
+            print(f"{task:<28} naive {naive['median']:7.1f} ex/s ({naive['min']:.1f}-{naive['max']:.1f})   "
+                  f"encoder-once {fast['median']:7.1f} ex/s ({fast['min']:.1f}-{fast['max']:.1f})   "
+                  f"ratio {r['ratio']:.2f}x ({r['ratio_min']:.2f}-{r['ratio_max']:.2f})   "
                   f"max |score diff| {r['max_abs_score_diff']:.2e}")
     return 0
 

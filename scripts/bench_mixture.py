@@ -3,15 +3,21 @@
 Writes synthetic tokenized tasks as memory-mapped Arrow files (as the tokenization cache is), then, for
 each total size, measures in a fresh process (so peak RSS is per size):
 
-* throughput of ``MixtureStream`` over ``--samples`` items (examples/s, tokens/s, no tracemalloc);
+* throughput of ``MixtureStream`` over ``--samples`` items after 1,000 untimed ones (examples/s,
+  tokens/s, no tracemalloc);
 * peak Python heap (tracemalloc) while building the stream and drawing ``--samples`` items;
 * ``ru_maxrss`` of the process, and its resident memory split into anonymous (heap) and file-backed
   (the memory-mapped Arrow pages it touched, which the OS can drop) at the end;
-* time to ``load_state_dict`` a state taken after ``--samples`` items.
+* time to ``load_state_dict`` the state taken after those draws.
+
+The sizes are compared with each other (the rates and the heap must stay flat as the data grows), so
+their processes alternate: ``--repeats`` rounds (>= 3) over every size, the order reversed every round
+(scripts/bench_baselines.py). Rates, build and restore times are reported as median, min and max over the
+rounds; the memory figures as their largest value over the rounds.
 
 Usage::
 
-    python scripts/bench_mixture.py --sizes 100000 1000000 2000000 --samples 200000 [--json]
+    python scripts/bench_mixture.py --sizes 100000 1000000 2000000 --samples 200000 [--repeats 3] [--json]
 """
 
 from __future__ import annotations
@@ -30,9 +36,15 @@ import numpy as np
 import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the alternation discipline
+
+import bench_baselines as bb  # noqa: E402
 
 NUM_TASKS = 8
 CHUNK_ROWS = 50_000
+WARMUP_DRAWS = 1_000
+TIMINGS = ("examples_per_s", "tokens_per_s", "restore_ms", "build_s")  # median [min, max] over the rounds
+PEAKS = ("tracemalloc_peak_mib", "max_rss_mib", "rss_anon_mib", "rss_file_mib")  # largest over the rounds
 
 
 def write_task(path: Path, rows: int, seed: int) -> None:
@@ -70,6 +82,8 @@ def measure(folder: Path, samples: int) -> dict:
     start = time.perf_counter()
     dsets, stream = build()
     build_s = time.perf_counter() - start
+    for _ in range(WARMUP_DRAWS):
+        next(stream)
     tokens = 0
     start = time.perf_counter()
     for _ in range(samples):
@@ -117,36 +131,66 @@ def _rss_split() -> dict:
     return out
 
 
+def write_sizes(root: Path, sizes: list[int]) -> dict[int, Path]:
+    """One folder of task files per total size; task sizes spread over a factor ~10, like a real mixture."""
+    folders = {}
+    for size in sizes:
+        folder = root / str(size)
+        folder.mkdir()
+        weights = np.linspace(1.0, 10.0, NUM_TASKS)
+        rows = np.maximum(1, (weights / weights.sum() * size).astype(int))
+        rows[-1] += size - rows.sum()
+        for i, n in enumerate(rows):
+            write_task(folder / f"task{i}.arrow", int(n), seed=i)
+        folders[size] = folder
+    return folders
+
+
+def summarize(runs: list[dict]) -> dict:
+    """One size's rounds: rates as median / min / max, memory as the largest, the rest from the first round."""
+    out = dict(runs[0])
+    for key in TIMINGS:
+        s = bb.spread([r[key] for r in runs])
+        out[key], out[f"{key}_min"], out[f"{key}_max"] = s["median"], s["min"], s["max"]
+    for key in PEAKS:
+        if key in runs[0]:
+            out[key] = max(r[key] for r in runs)
+    out["repeats"] = len(runs)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000, 2_000_000])
     parser.add_argument("--samples", type=int, default=200_000)
+    parser.add_argument("--repeats", type=int, default=3,
+                        help=f"alternating rounds over the sizes (>= {bb.MIN_REPEATS})")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
         print(json.dumps(measure(args.child, args.samples)))
         return
-    results = []
+    if args.repeats < bb.MIN_REPEATS:
+        parser.error(f"--repeats must be at least {bb.MIN_REPEATS}")
+    runs: dict[int, list[dict]] = {size: [] for size in args.sizes}
     with tempfile.TemporaryDirectory(prefix="bench_mixture_") as tmp:
-        for size in args.sizes:
-            folder = Path(tmp) / str(size)
-            folder.mkdir()
-            # task sizes spread over a factor ~10, like a real mixture
-            weights = np.linspace(1.0, 10.0, NUM_TASKS)
-            rows = np.maximum(1, (weights / weights.sum() * size).astype(int))
-            rows[-1] += size - rows.sum()
-            for i, n in enumerate(rows):
-                write_task(folder / f"task{i}.arrow", int(n), seed=i)
-            out = subprocess.run(
-                [sys.executable, __file__, "--child", str(folder), "--samples", str(args.samples)],
-                capture_output=True, text=True, check=True,
-            )
-            results.append(json.loads(out.stdout.strip().splitlines()[-1]))
-            for f in folder.glob("*.arrow"):
-                f.unlink()
+        folders = write_sizes(Path(tmp), args.sizes)
+
+        def child(size: int):
+            def once() -> float:
+                out = subprocess.run(
+                    [sys.executable, __file__, "--child", str(folders[size]), "--samples", str(args.samples)],
+                    capture_output=True, text=True, check=True,
+                )
+                runs[size].append(json.loads(out.stdout.strip().splitlines()[-1]))
+                return runs[size][-1]["examples_per_s"]
+            return once
+
+        bb.alternate({size: child(size) for size in args.sizes}, args.repeats)
+    results = [summarize(runs[size]) for size in args.sizes]
     if args.json:
-        print(json.dumps({"benchmark": "mixture_stream", "results": results}, indent=2))
+        print(json.dumps({"benchmark": "mixture_stream", "repeats": args.repeats, "results": results}, indent=2))
         return
     keys = list(results[0])
     print(" | ".join(keys))
