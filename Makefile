@@ -45,6 +45,7 @@ test-fast: install
 
 bench: install
 	$(PY) scripts/write_benchmarks.py --out BENCHMARKS.md
+	$(PY) scripts/bench_data_ranks.py --write-benchmarks BENCHMARKS.md
 
 learning-check: install
 	$(PY) scripts/learning_check.py --write-benchmarks BENCHMARKS.md --plot docs

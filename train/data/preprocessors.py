@@ -19,13 +19,17 @@ Example (the SuperGLUE release format of WSC -> HF ``super_glue/wsc.fixed`` fiel
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import difflib
 import inspect
 import re
-from typing import Any, Callable, Optional, Sequence
+import typing
+from typing import Any, Callable, NewType, Optional, Sequence
 
 from train.errors import ConfigError
+
+Regex = NewType("Regex", str)  # an argument annotated Regex must compile (checked when the task file loads)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,12 +65,17 @@ class PreprocessorRegistry:
 
         return deco
 
-    def get(self, name: str) -> Preprocessor:
-        """Raises ConfigError with a did-you-mean and the known names when ``name`` is unknown."""
+    def get(self, name: str, where: str = "") -> Preprocessor:
+        """Raises ConfigError with a did-you-mean and the known names when ``name`` is unknown.
+
+        Args:
+            where: the entry that names it (``FILE: task 'T'.preprocessors[i]``); it starts the message.
+        """
         if name not in self._items:
             close = difflib.get_close_matches(name, self._items, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"unknown preprocessor {name!r}.{hint} Known: {sorted(self._items)}")
+            raise ConfigError(f"{where + ': ' if where else ''}unknown preprocessor {name!r}.{hint} "
+                              f"Known: {sorted(self._items)}")
         return self._items[name]
 
     def names(self) -> list[str]:
@@ -76,15 +85,25 @@ class PreprocessorRegistry:
         """Forget everything registered outside this module (for tests)."""
         self._items = {k: v for k, v in self._items.items() if k in self._builtin}
 
-    def check_args(self, name: str, args: dict, where: str) -> None:
+    def check_args(self, name: str, args: Any, where: str) -> None:
         """Validate ``args`` against the function signature before any data is read.
 
+        Names are checked, and so are the shapes the annotations give: a list (``Sequence``/``list``)
+        argument must be a list, a mapping (``dict``/``Mapping``) one a mapping, a ``str`` one a string,
+        a number one a number (each may be null when the annotation is ``Optional``), and a ``Regex``
+        one must compile. Arguments without a usable annotation take any value.
+
         Raises:
-            ConfigError: unknown or missing arguments (with a did-you-mean).
+            ConfigError: an unknown preprocessor, ``args`` that is not a mapping, unknown or missing
+                arguments (with a did-you-mean), or an argument of the wrong shape; each names ``where``.
         """
-        p = self.get(name)
+        p = self.get(name, where)
         params = dict(inspect.signature(p.fn).parameters)
         params.pop(next(iter(params)))  # the example
+        if not isinstance(args, dict):
+            shown = ", ".join(f"{k}: ..." for k in params)
+            raise ConfigError(f"{where}: `args` of preprocessor {name!r} must be a mapping of argument names to "
+                              f"values, not a {type(args).__name__} ({args!r}); write `args: {{{shown}}}`.")
         for key in args:
             if key not in params:
                 close = difflib.get_close_matches(key, params, n=1)
@@ -94,6 +113,51 @@ class PreprocessorRegistry:
         missing = [k for k, v in params.items() if v.default is inspect.Parameter.empty and k not in args]
         if missing:
             raise ConfigError(f"{where}: preprocessor {name!r} needs argument(s) {missing}")
+        try:
+            hints = typing.get_type_hints(p.fn)
+        except Exception:  # noqa: BLE001 - a user preprocessor's annotations may not resolve: check names only
+            hints = {}
+        for key, value in args.items():
+            if key in hints:
+                _check_shape(name, key, value, hints[key], where)
+
+
+def _check_shape(name: str, key: str, value: Any, hint: Any, where: str) -> None:
+    """Raise a ConfigError naming ``where``, the argument and the fix when ``value`` does not fit ``hint``."""
+    optional = typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint)
+    if optional:
+        if value is None:
+            return
+        rest = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(rest) != 1:
+            return
+        hint = rest[0]
+    origin = typing.get_origin(hint) or hint
+    at = f"{where}: preprocessor {name!r} argument {key!r}"
+    got = "not null" if value is None else f"not the {type(value).__name__} {value!r}"
+    if hint is Regex:
+        if not isinstance(value, str):
+            raise ConfigError(f"{at} must be a regular expression as a string, {got}; quote it.")
+        try:
+            re.compile(value)
+        except re.error as err:
+            raise ConfigError(f"{at}: {value!r} is not a valid Python regular expression ({err}); escape special "
+                              "characters with a backslash (in YAML, inside single quotes: '\\(').") from None
+    elif origin in (list, tuple, collections.abc.Sequence):
+        if not isinstance(value, (list, tuple)):
+            example = f"[{value}]" if isinstance(value, (str, int, float)) else "[a, b]"
+            raise ConfigError(f"{at} must be a YAML list, {got}; write `{key}: {example}`.")
+    elif origin in (dict, collections.abc.Mapping):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{at} must be a YAML mapping, {got}; write `{key}: {{from: to, ...}}`.")
+    elif hint is str:
+        if value is None or isinstance(value, (list, dict)):
+            raise ConfigError(f"{at} must be one string, {got}.")
+        if not isinstance(value, str):  # YAML reads 2016, 1.0, yes and null as other types
+            raise ConfigError(f"{at} must be a string, {got}; quote it: `{key}: \"{value}\"`.")
+    elif hint in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{at} must be a number, {got}; write it without quotes.")
 
 
 PREPROCESSORS = PreprocessorRegistry()
@@ -197,7 +261,7 @@ def split(example: dict, field: str, separator: str, into: Optional[str] = None)
 
 
 @_register("regex_replace", builtin=True)
-def regex_replace(example: dict, field: str, pattern: str, replacement: str = "",
+def regex_replace(example: dict, field: str, pattern: Regex, replacement: str = "",
                   into: Optional[str] = None) -> dict:
     """``re.sub`` on a string field, or on each element of a list field."""
     value = example[field]
@@ -235,6 +299,9 @@ def explode(example: dict, field: str, into: Optional[str] = None) -> list[dict]
     (CommonGen: ``scene: [s1, s2]`` -> rows with ``target: s1`` / ``target: s2``). An empty list gives no row.
     """
     items = example[field]
+    if not isinstance(items, (list, tuple)):  # a string would give one row per character
+        raise TypeError(f"field {field!r} is a {type(items).__name__} ({str(items)[:40]!r}), not a list; "
+                        "turn it into one first (e.g. with split) or drop the explode")
     base = {k: v for k, v in example.items() if k != field}
     rows = []
     for item in items:

@@ -50,6 +50,7 @@ import hashlib
 import io
 import json
 import os
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
@@ -474,16 +475,20 @@ def _apply_chain(row: dict, index: int, calls: list, join_rows: Optional[dict], 
     current = [row]
     for name, args in calls:
         p = PREPROCESSORS.get(name)
-        try:
+        produced: list[dict] = []
+        for r in current:
+            try:
+                out = p.fn(r, **args)
+            except KeyError as e:  # the fields listed are the ones this preprocessor received
+                raise DataError(f"{where}: preprocessor {name!r} at source row {index}: field {e.args[0]!r} is "
+                                f"missing (fields: {sorted(map(str, r))})") from e
+            except (ValueError, TypeError, AttributeError, IndexError, re.error) as e:
+                raise DataError(f"{where}: preprocessor {name!r} at source row {index}: {e}") from e
             if p.kind == "example":
-                current = [p.fn(r, **args) for r in current]
+                produced.append(out)
             else:
-                current = [x for r in current for x in p.fn(r, **args)]
-        except KeyError as e:
-            raise DataError(f"{where}: preprocessor {name!r} at source row {index}: field {e.args[0]!r} is "
-                            f"missing (fields: {sorted(row)})") from e
-        except (ValueError, TypeError) as e:
-            raise DataError(f"{where}: preprocessor {name!r} at source row {index}: {e}") from e
+                produced.extend(out)
+        current = produced
     return current
 
 
@@ -621,10 +626,19 @@ def _parse_task(raw: Any, base: Path, path: str, registry: PreprocessorRegistry)
                             fields=tuple(src["fields"]) if src.get("fields") else None, join=join)
 
     calls = []
-    for i, p in enumerate(raw.get("preprocessors") or []):
-        _check_keys(p, PREPROCESSOR_KEYS, f"{where}.preprocessors[{i}]")
-        args = p.get("args") or {}
-        registry.check_args(str(p.get("name")), args, f"{where}.preprocessors[{i}]")
+    entries = raw.get("preprocessors") or []
+    if not isinstance(entries, list):
+        raise ConfigError(f"{where}.preprocessors: must be a list of {{name, args}} entries, not a "
+                          f"{type(entries).__name__}; write "
+                          "`preprocessors: [{name: rename, args: {mapping: {a: b}}}]`.")
+    for i, p in enumerate(entries):
+        at = f"{where}.preprocessors[{i}]"
+        _check_keys(p, PREPROCESSOR_KEYS, at)
+        if not p.get("name"):
+            raise ConfigError(f"{at}: missing 'name', the preprocessor to apply (one of {registry.names()}); "
+                              "write `{name: rename, args: {mapping: {a: b}}}`.")
+        args = {} if p.get("args") is None else p["args"]
+        registry.check_args(str(p["name"]), args, at)
         calls.append(PreprocessorCall(name=str(p["name"]), args=args))
 
     t = _check_keys(raw["templates"], TEMPLATE_KEYS, f"{where}.templates")

@@ -38,7 +38,7 @@ from typing import Any, Optional
 
 from train.errors import ConfigError, DataError
 from train.evaluation.results import DEFAULT_PROTOCOL_SEEDS
-from train.modeling.models import check_local_weights
+from train.modeling.models import check_eos, check_local_weights, check_vocab
 
 Pair = tuple[str, str]  # (dataset, template)
 
@@ -198,15 +198,25 @@ def load_model_for_eval(model: str, kind: str = "auto", tokenizer: Optional[str]
     or a run checkpoint. ``base_model`` names an adapter's base when its export does not.
 
     Raises:
-        ConfigError: the path holds no model (the message lists what it looked for).
+        ConfigError: the path holds no model (the message lists what it looked for); the tokenizer has no
+            eos token or more tokens than the model has embedding rows.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
-
     path = resolve_model_path(model)
     if (path / "trainer_state.json").exists():
         return _load_from_checkpoint(path, kind, tokenizer)
     if (path / "adapter_config.json").exists():
         return _load_adapter(path, kind, tokenizer, base_model)
+    return _load_model_dir(model, path, kind, tokenizer)
+
+
+def _check_vocab(model_config: Any, tok: Any, model: Any, tokenizer: Optional[str]) -> None:
+    """check_vocab, naming the evaluated model and ``--tokenizer`` when it was given."""
+    check_vocab(model_config, tok, f"{model}" + (f" with --tokenizer {tokenizer}" if tokenizer else ""))
+
+
+def _load_model_dir(model: str, path: Path, kind: str, tokenizer: Optional[str]) -> tuple[Any, Any, str]:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
     try:
         config = AutoConfig.from_pretrained(str(path))
     except (OSError, ValueError) as err:
@@ -218,12 +228,14 @@ def load_model_for_eval(model: str, kind: str = "auto", tokenizer: Optional[str]
     auto = AutoModelForSeq2SeqLM if is_encdec else AutoModelForCausalLM
     if path.is_dir():
         check_local_weights(path)
+    tok = _eval_tokenizer(tokenizer or str(path), model)
+    _check_vocab(config, tok, model, tokenizer)  # before the weights load: a wrong --tokenizer fails in seconds
     try:
         loaded = auto.from_pretrained(str(path))
     except (OSError, ValueError, RuntimeError) as err:
         raise ConfigError(f"{model}: the model weights cannot be loaded ({str(err).splitlines()[0]}). "
                           "Re-export the model, or evaluate another checkpoint.") from None
-    return loaded, _eval_tokenizer(tokenizer or str(path), model), resolved
+    return loaded, tok, resolved
 
 
 def _eval_tokenizer(source: str, who: Any) -> Any:
@@ -235,6 +247,7 @@ def _eval_tokenizer(source: str, who: Any) -> Any:
     except (OSError, ValueError) as err:
         raise ConfigError(f"{who}: no tokenizer could be loaded from {source} ({str(err).splitlines()[0]}). "
                           "Pass one with --tokenizer.") from None
+    check_eos(tok, f"{who}: the tokenizer at {source}")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -247,12 +260,14 @@ def _load_adapter(path: Path, kind: str, tokenizer: Optional[str], base_model: O
     is_encdec = bool(getattr(model.config, "is_encoder_decoder", False))
     resolved = ("encdec" if is_encdec else "decoder") if kind == "auto" else kind
     source = tokenizer or (str(path) if (path / "tokenizer_config.json").exists() else base)
-    return model, _eval_tokenizer(source, path), resolved
+    tok = _eval_tokenizer(source, path)
+    _check_vocab(model.config, tok, path, tokenizer)
+    return model, tok, resolved
 
 
 def _load_from_checkpoint(path: Path, kind: str, tokenizer: Optional[str]) -> tuple[Any, Any, str]:
     from train.config import Config, _build, read_yaml
-    from train.modeling.models import build_model, infer_kind, load_model_config, load_tokenizer
+    from train.modeling.models import align_special_tokens, build_model, infer_kind, load_model_config, load_tokenizer
 
     run_config = path.parent.parent / "config.yaml"
     if not run_config.exists():
@@ -266,8 +281,12 @@ def _load_from_checkpoint(path: Path, kind: str, tokenizer: Optional[str]) -> tu
     model_config = load_model_config(cfg.model)
     resolved = infer_kind(cfg.model, model_config) if kind == "auto" else kind
     cfg.model.gradient_checkpointing = False
+    cfg.model.tokenizer = tokenizer or cfg.model.tokenizer
+    tok = load_tokenizer(cfg.model)
+    _check_vocab(model_config, tok, path, tokenizer)  # before any weights are read
+    align_special_tokens(cfg.model, model_config, tok)  # the config as the run built it
     if cfg.peft.method != "none":  # an adapter checkpoint holds the adapter only: rebuild the base, then load it
-        return _load_adapter_checkpoint(cfg, model_config, resolved, weights, tokenizer)
+        return _load_adapter_checkpoint(cfg, model_config, resolved, weights, tok)
     model = build_model(cfg.model, model_config, resolved)
     state = _read_checkpoint_weights(weights)
     _restore_tied(model, state)
@@ -278,14 +297,12 @@ def _load_from_checkpoint(path: Path, kind: str, tokenizer: Optional[str]) -> tu
                           f"unexpected {unexpected[:3]}); was it written by another run's config.yaml?")
     if hasattr(model, "tie_weights"):
         model.tie_weights()
-    cfg.model.tokenizer = tokenizer or cfg.model.tokenizer
-    return model, load_tokenizer(cfg.model), resolved
+    return model, tok, resolved
 
 
 def _load_adapter_checkpoint(cfg: Any, model_config: Any, kind: str, weights: list[Path],
-                             tokenizer: Optional[str]) -> tuple[Any, Any, str]:
+                             tok: Any) -> tuple[Any, Any, str]:
     from train.modeling.adapters import build_run_model
-    from train.modeling.models import load_tokenizer
 
     model = build_run_model(cfg, model_config, kind)
     state = _read_checkpoint_weights(weights)
@@ -294,8 +311,7 @@ def _load_adapter_checkpoint(cfg: Any, model_config: Any, kind: str, weights: li
         raise ConfigError(f"{weights[0].parent}: the checkpoint does not hold this run's adapter "
                           f"(missing {sorted(trainable - set(state))[:3]}, unexpected {sorted(set(state) - trainable)[:3]}).")
     model.load_state_dict(state, strict=False)
-    cfg.model.tokenizer = tokenizer or cfg.model.tokenizer
-    return model.merge_and_unload(), load_tokenizer(cfg.model), kind
+    return model.merge_and_unload(), tok, kind
 
 
 def _read_checkpoint_weights(weights: list[Path]) -> dict:

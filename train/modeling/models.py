@@ -9,6 +9,8 @@ bidirectional mask over the input (see :mod:`train.modeling.features`).
 from __future__ import annotations
 
 import json
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -97,25 +99,103 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
             f"`model.tokenizer` = {name!r} cannot be loaded: {str(err).splitlines()[0]} "
             "Give a directory with the tokenizer files (e.g. configs/tokenizers/t5), a hub name, or `byt5`."
         ) from None
+    check_eos(tok, f"the tokenizer `model.{'tokenizer' if cfg.tokenizer else 'name_or_path'}` = {name!r}")
     if tok.pad_token_id is None:
         # Decoder tokenizers (GPT-2, Llama) often have no pad token; padding is masked out anyway.
         tok.pad_token = tok.eos_token
     return tok
 
 
+def check_eos(tokenizer: Any, where: str) -> None:
+    """Every target ends with the tokenizer's eos, and a missing pad falls back to it: the tokenizer must name one.
+
+    Args:
+        where: the tokenizer as the user named it, e.g. "the tokenizer `model.tokenizer` = '/tmp/olmo'".
+
+    Raises:
+        ConfigError: the tokenizer has no eos token (e.g. a folder with OLMo's bare tokenizer.json).
+    """
+    if tokenizer.eos_token_id is None:
+        raise ConfigError(
+            f"{where} names no eos token, but every target ends with one and padding falls back to it. Add a "
+            'tokenizer_config.json naming "eos_token" (and "pad_token") next to its tokenizer files, e.g. '
+            '{"eos_token": "<|endoftext|>", "pad_token": "<|padding|>"} for the OLMo (GPT-NeoX) tokenizer.json.'
+        )
+
+
+def check_vocab(model_config: Any, tokenizer: Any, where: str) -> None:
+    """Every token id the tokenizer can produce must have an embedding row (a larger vocab_size is fine).
+
+    Args:
+        where: the model (and tokenizer) as the user named them; it starts the message.
+
+    Raises:
+        ConfigError: ``len(tokenizer)`` exceeds the model config's ``vocab_size``.
+    """
+    vocab = int(getattr(model_config, "vocab_size", 0) or 0)
+    if vocab and len(tokenizer) > vocab:
+        raise ConfigError(
+            f"{where}: the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab}: token ids "
+            "would index past the embedding. Use the model's own tokenizer or raise vocab_size in the model config."
+        )
+
+
+def align_special_tokens(cfg: ModelConfig, model_config: Any, tokenizer: Any) -> dict[str, tuple[Any, int]]:
+    """Give a random-init model's config (``model.config``) the tokenizer's pad, eos and bos ids, in place.
+
+    Training takes token ids from the tokenizer only, but the export copies the config's ids into
+    ``config.json`` and ``generation_config.json``, where a plain ``model.generate()`` stops and pads with
+    them. pad falls back to eos (as in :func:`model_info`); bos is set only when the tokenizer has one;
+    T5's ``decoder_start_token_id`` is kept. A pretrained model (``model.name_or_path``) keeps its config.
+    Call it before :func:`build_model`: the model's generation config is made from its config then.
+
+    Returns:
+        ``{name: (old, new)}`` for each id the model config set to another value; printed once (on rank 0).
+    """
+    if not cfg.config:
+        return {}
+    eos = tokenizer.eos_token_id
+    wanted = {"pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
+              "eos_token_id": eos}
+    if tokenizer.bos_token_id is not None:
+        wanted["bos_token_id"] = tokenizer.bos_token_id
+    replaced: dict[str, tuple[Any, int]] = {}
+    for key, new in wanted.items():
+        old = getattr(model_config, key, None)
+        if old == new or (isinstance(old, list) and new in old):  # a list of eos ids that holds the tokenizer's
+            continue
+        setattr(model_config, key, new)
+        if old is not None:  # filling an unset id is not worth a line
+            replaced[key] = (old, new)
+    if replaced and int(os.environ.get("RANK", "0")) == 0:
+        ids = ", ".join(f"{key} {old} -> {new}" for key, (old, new) in replaced.items())
+        print(f"[mtf] note: `model.config` = {cfg.config}: replaced {ids} with the ids of the tokenizer "
+              f"{cfg.tokenizer!r}, so the export's config.json and generation_config.json match it. Set them in "
+              "the model config to silence this.", file=sys.stderr, flush=True)
+    return replaced
+
+
 def model_info(cfg: ModelConfig, model_config: Any, tokenizer: Any) -> ModelInfo:
+    """What the stack needs to know about the model; checks that the model and tokenizer agree.
+
+    A random-init model's config gets the tokenizer's special token ids here (:func:`align_special_tokens`),
+    before the model is built from it.
+
+    Raises:
+        ConfigError: a wrong ``model.kind``, a tokenizer without eos, or one larger than the model's vocabulary.
+    """
     kind = infer_kind(cfg, model_config)
+    model = f"`model.config` = {cfg.config}" if cfg.config else f"`model.name_or_path` = {cfg.name_or_path!r}"
+    tokenizer_name = cfg.tokenizer or cfg.name_or_path
+    check_eos(tokenizer, f"the tokenizer {tokenizer_name!r}")
+    check_vocab(model_config, tokenizer, f"{model} with the tokenizer {tokenizer_name!r}")
+    align_special_tokens(cfg, model_config, tokenizer)
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     start = getattr(model_config, "decoder_start_token_id", None)
     if start is None:
         start = pad
     vocab = int(getattr(model_config, "vocab_size", 0) or 0)
-    if vocab and len(tokenizer) > vocab:
-        raise ConfigError(
-            f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab}: token ids would "
-            "index past the embedding. Use the model's own tokenizer or raise vocab_size in the model config."
-        )
     return ModelInfo(kind=kind, model_type=model_config.model_type, pad_token_id=int(pad), eos_token_id=int(eos),
                      decoder_start_token_id=int(start), vocab_size=vocab)
 
