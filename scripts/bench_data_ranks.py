@@ -14,16 +14,16 @@ Timed per step, both arms alike: building the rank's rows (mixture draws, token 
 packing), the step's data counts (:func:`train.data.pipeline.step_counts` over the rows the rank built)
 and collating the rank's rows into its micro-batch tensors. Not timed: tokenizing the tasks (cached,
 once per run) and the warm-up steps that fill the packers' windows (``2 x data.pack_window / rows per
-lane`` steps per arm, so both are measured in steady state). Each repeat runs every ``W`` with the two
-arms alternating (lanes, global); the figures are the min and median over repeats of the mean seconds
-per step, and the ratios divide the medians by the same arm's median at 1 rank.
+lane`` steps per arm, so both are measured in steady state). Each arm runs at least ``--steps`` steps and
+``--min-seconds`` seconds. Each repeat runs every ``W`` with the two arms alternating (lanes, global);
+the figures are the min and median over repeats of the mean seconds per step, and the ratios divide the medians by the same arm's median at 1 rank.
 
 Data: the shipped demo mixture (``configs/demo.yaml``: three tasks through their PromptSource templates,
 the real T5 tokenizer, enc-dec rows of 256 / 64 tokens, window 64).
 
 Usage::
 
-    python scripts/bench_data_ranks.py [--ranks 1 8 64] [--rows-per-rank 8] [--steps 40] [--repeats 3] [--json]
+    python scripts/bench_data_ranks.py [--ranks 1 8 64] [--rows-per-rank 8] [--steps 20] [--min-seconds 2] [--repeats 5] [--json]
     python scripts/bench_data_ranks.py --write-benchmarks BENCHMARKS.md
 """
 
@@ -78,7 +78,8 @@ def build(cfg, tokenizer, kind: str, world_size: int, rows_per_rank: int, arm: s
     return data, global_rows
 
 
-def time_arm(cfg, tokenizer, info, world_size: int, rows_per_rank: int, steps: int, arm: str) -> dict:
+def time_arm(cfg, tokenizer, info, world_size: int, rows_per_rank: int, steps: int, arm: str,
+             min_seconds: float) -> dict:
     from train.data import pipeline
     from train.modeling.features import collate
 
@@ -95,12 +96,13 @@ def time_arm(cfg, tokenizer, info, world_size: int, rows_per_rank: int, steps: i
 
     for _ in range(warmup):
         step()
-    start = time.perf_counter()
-    for _ in range(steps):
+    start, done = time.perf_counter(), 0
+    while done < steps or time.perf_counter() - start < min_seconds:  # a step of 3 ms is noise alone
         step()
-    seconds = (time.perf_counter() - start) / steps
+        done += 1
+    seconds = (time.perf_counter() - start) / done
     return {"seconds_per_step": seconds, "rows_built_per_step": built, "lanes_of_rank": len(data.mine),
-            "lanes": data.lanes, "warmup_steps": warmup}
+            "lanes": data.lanes, "warmup_steps": warmup, "timed_steps": done}
 
 
 def measure(args) -> dict:
@@ -119,7 +121,7 @@ def measure(args) -> dict:
     for _ in range(args.repeats):
         for w in args.ranks:
             for arm in ("lanes", "global"):  # alternating, every repeat
-                r = time_arm(cfg, tokenizer, info, w, args.rows_per_rank, args.steps, arm)
+                r = time_arm(cfg, tokenizer, info, w, args.rows_per_rank, args.steps, arm, args.min_seconds)
                 results[f"{arm}@{w}"].append(r["seconds_per_step"])
                 meta[f"{arm}@{w}"] = {k: v for k, v in r.items() if k != "seconds_per_step"}
     table = []
@@ -133,7 +135,8 @@ def measure(args) -> dict:
                         "vs_1_rank": statistics.median(times) / base,
                         "vs_1_rank_spread": [min(per_repeat), max(per_repeat)], **meta[f"{arm}@{w}"]}
         table.append(row)
-    return {"ranks": args.ranks, "rows_per_rank": args.rows_per_rank, "steps": args.steps, "repeats": args.repeats,
+    return {"ranks": args.ranks, "rows_per_rank": args.rows_per_rank, "steps": args.steps,
+            "min_seconds": args.min_seconds, "repeats": args.repeats,
             "threads": args.threads, "pack_window": cfg.data.pack_window, "table": table,
             "raw_seconds_per_step": results}
 
@@ -146,7 +149,7 @@ def render(results: dict) -> str:
              f"counts, collating the rank's micro-batch; steady state (warm-up steps fill the windows first). "
              f"**lanes**: `data.lanes=auto`, rank 0 builds only its lanes. **global**: one stream and one packer build the "
              f"whole global batch on every rank (the design before lanes). {results['repeats']} repeats, arms alternating, "
-             f"{results['steps']} steps each, {results['threads']} torch thread(s); ms per step as min / median; "
+             f"at least {results['steps']} steps and {results['min_seconds']:g} s each, {results['threads']} torch thread(s); ms per step as min / median; "
              "\"vs 1 rank\" = median / the same arm's median at 1 rank, with the range of per-repeat ratios.", "",
              "| ranks | lanes (of rank 0 / all) | lanes ms/step | lanes vs 1 rank | global rows built | global ms/step | global vs 1 rank |",
              "|---|---|---|---|---|---|---|"]
@@ -174,8 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 8, 64], help="simulated rank counts; the first is the base")
     parser.add_argument("--rows-per-rank", type=int, default=8, help="packed rows per rank per step")
-    parser.add_argument("--steps", type=int, default=40, help="timed steps per arm and repeat")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per arm and repeat, at least")
+    parser.add_argument("--min-seconds", type=float, default=2.0, help="timed seconds per arm and repeat, at least")
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (collate)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.add_argument("--write-benchmarks", default=None, help="rewrite this benchmark's section of this file")

@@ -259,7 +259,7 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=6000, help="examples of the stream in the efficiency tables")
     parser.add_argument("--rows-per-task", type=int, default=300,
                         help="source rows per task (data.max_examples_per_task)")
-    parser.add_argument("--repeats", type=int, default=3, help="alternating rounds of every timed arm (>= 3)")
+    parser.add_argument("--repeats", type=int, default=5, help="alternating rounds of every timed arm (>= 3)")
     parser.add_argument("--warmup-steps", type=int, default=2, help="untimed training steps at the start of every run")
     parser.add_argument("--train-steps", type=int, default=8, help="timed training steps of every run")
     parser.add_argument("--rows-per-step", type=int, default=2, help="packed rows per training step")

@@ -167,11 +167,11 @@ def main() -> None:
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, " + (
         torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU")
     packing = run("bench_packing.py", *(["--examples", "1500", "--warmup-steps", "1", "--train-steps", "2",
-                                         "--rows-per-step", "1"] if args.quick else []))
+                                         "--rows-per-step", "1", "--repeats", "3"] if args.quick else []))
     mixture = run("bench_mixture.py", *(["--sizes", "100000", "1000000", "--samples", "50000"] if args.quick
                                         else ["--sizes", "100000", "1000000", "2000000", "--samples", "200000"]))
     evaluation = run("bench_eval.py", *(["--num-examples", "16", "--repeats", "3"] if args.quick
-                                        else ["--num-examples", "64", "--repeats", "5"]))
+                                        else ["--num-examples", "192", "--repeats", "5"]))
 
     lines = [
         "# Benchmarks",
