@@ -26,7 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 # Sections written by their own, longer scripts (make learning-check, make merge-check, bench_eval_e2e.py):
 # kept as they are when this script rewrites the file.
 KEPT_SECTIONS = [(f"<!-- {name}:begin -->", f"<!-- {name}:end -->")
-                 for name in ("learning_check", "merge_check", "bench_eval_e2e", "bench_data_ranks")]
+                 for name in ("learning_check", "merge_check", "bench_eval_e2e", "bench_data_ranks",
+                              "bench_loss_memory")]
 # What each training arm of bench_packing.py is (scripts/bench_packing.py and bench_baselines.py say more).
 ARMS = {
     "mtf_packed": "`mtf train`, `data.packing=true` (each micro-batch padded to its longest row, `data.pad_to=auto`)",

@@ -137,6 +137,7 @@ class TrainerConfig:
     precision: Precision = "fp32"
     loss_normalization: LossNormalization = "token_mean"
     loss_weights: LossWeightsConfig = field(default_factory=LossWeightsConfig)  # lm / unlikelihood / rank_classification
+    loss_chunk_tokens: Optional[int] = None  # output layer + loss over this many label positions at a time (peak memory O(chunk x vocab)); None = all at once
     deepspeed: Optional[str] = None  # path to a DeepSpeed JSON (configs/deepspeed/*.json)
     seed: int = 42
     resume: str = "auto"  # "auto" (newest complete checkpoint, if any) | a checkpoint path | "none"
@@ -500,7 +501,7 @@ MINIMUMS: dict[str, tuple[float, bool]] = {
     "optim.clip_grad_norm": (0, False), "schedule.warmup_steps": (0, True),
     "trainer.max_steps": (1, True), "trainer.global_batch_size": (1, True), "trainer.global_batch_tokens": (1, True),
     "trainer.micro_batch_size": (1, True), "trainer.grad_accum": (1, True), "trainer.seed": (0, True),
-    "trainer.max_time": (0, False), "trainer.loss_weights.lm": (0, True),
+    "trainer.max_time": (0, False), "trainer.loss_chunk_tokens": (1, True), "trainer.loss_weights.lm": (0, True),
     "trainer.loss_weights.unlikelihood": (0, True), "trainer.loss_weights.rank_classification": (0, True),
     "eval.every_steps": (1, True), "eval.max_examples_per_template": (1, True),
     "eval.final_max_examples_per_template": (1, True), "eval.batch_size": (1, True), "eval.protocol_seeds": (1, True),

@@ -186,6 +186,7 @@ RESUME_MAY_CHANGE = (
     "trainer.resume_fallback", "trainer.resume_allow_changes", "trainer.trust_checkpoint", "trainer.micro_batch_size",
     "trainer.grad_accum", "trainer.cpu", "trainer.nan_guard", "model.gradient_checkpointing", "data.num_proc",
     "data.cache_dir", "data.data_root", "data.pad_to",  # pad_to changes tensor widths, not the rows or the losses
+    "trainer.loss_chunk_tokens",  # how the loss is computed in memory, not what it is
 )
 
 

@@ -34,7 +34,7 @@ from train.loop import checkpointing
 from train.loop.rundir import RunLock, RunRecord, check_run_dir
 from train.loop.hooks import CheckpointHook, EvalHook, LoggingHook, PreemptionHook, TrainContext
 from train.modeling import adapters, losses
-from train.modeling.features import check_choice_support, collate, model_forward
+from train.modeling.features import check_choice_support, collate, head_inputs, model_forward
 from train.modeling.models import ModelInfo, load_model_config, load_tokenizer, model_info
 
 T5_FAMILY = ("t5", "mt5", "umt5", "longt5", "switch_transformers")  # overflow in fp16
@@ -233,8 +233,9 @@ def train(cfg: Config) -> dict:
             for batch in micro_batches:
                 batch = {k: v.to(accelerator.device) if hasattr(v, "to") else v for k, v in batch.items()}
                 with accelerator.accumulate(model):
-                    with accelerator.autocast():
-                        logits = model_forward(model, batch, kind)
+                    with accelerator.autocast():  # trainer.loss_chunk_tokens: the loss applies the output layer
+                        logits = (model_forward(model, batch, kind) if cfg.trainer.loss_chunk_tokens is None
+                                  else head_inputs(model, batch, kind, chunk_tokens=cfg.trainer.loss_chunk_tokens))
                     numerators = losses.local_numerators(logits, batch, mode, weights)
                     # accelerate (and DeepSpeed) divide by grad_accum and DDP averages over ranks: undo both,
                     # so the summed gradient is exactly d(sum_k weight_k * global numerator_k / global denominator_k).

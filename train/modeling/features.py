@@ -13,6 +13,10 @@ and per-segment positions come from row indices, choice gather indices use the b
 The width is not rounded up to a multiple of 8: the sequence length is not a dimension the linear layers'
 matmuls need aligned (the hidden sizes are), sdpa takes any length, and rounding only adds padded work.
 
+With ``trainer.loss_chunk_tokens`` set, :func:`head_inputs` replaces :func:`model_forward`: the same call
+through the same wrappers, stopped at the output layer, so the loss can apply that layer to the label
+positions only, a chunk at a time (:mod:`train.modeling.losses`), and no (tokens, vocab) logits exist.
+
 Labels are PRE-SHIFTED for every kind: ``logits[b, t]`` predicts ``labels[b, t]``. Never pass these
 labels to a Hugging Face model's ``labels=`` argument (a decoder would shift them a second time);
 :mod:`train.modeling.losses` computes the loss from the logits.
@@ -64,6 +68,7 @@ from __future__ import annotations
 import inspect
 import types
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -376,6 +381,84 @@ def model_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], kind: 
     Raises:
         ConfigError: unknown kind, or a decoder that takes no position_ids and is not BLOOM.
     """
+    return _forward(model, batch, kind).logits
+
+
+@dataclass
+class HeadInputs:
+    """What the output layer would have received, for a loss that applies it itself (``trainer.loss_chunk_tokens``).
+
+    ``head(hidden[b, t])`` are the logits :func:`model_forward` returns at ``[b, t]``; the loss
+    (:func:`train.modeling.losses.local_numerators`) applies ``head`` chunk by chunk to the positions that
+    carry a label only, under ``autocast``, the autocast state of the forward pass.
+    """
+
+    hidden: torch.Tensor  # (batch, seq, hidden) as the output layer receives it (T5: already rescaled)
+    head: torch.nn.Module  # the output layer, e.g. lm_head (a peft LoRA layer if the adapter wraps it)
+    chunk_tokens: int  # positions per output-layer call
+    autocast: tuple[str, bool, torch.dtype]  # (device type, enabled, dtype) during the forward pass
+
+
+def head_inputs(model: torch.nn.Module, batch: dict[str, torch.Tensor], kind: str, *, chunk_tokens: int) -> HeadInputs:
+    """:func:`model_forward` without its output layer: the same call through the same wrappers, stopped at the head.
+
+    The forward goes through ``model`` itself (DDP, DeepSpeed, peft: their hooks fire as for
+    :func:`model_forward`); only for the duration of the call, the output layer's ``forward`` returns its
+    input, so the model's ``logits`` are the hidden states it would have projected, after anything the model
+    does before the head (T5's ``d_model**-0.5`` rescaling of tied embeddings, a final norm). The head's
+    weights are used later, by the loss, through the head module itself (so DeepSpeed ZeRO-3 gathers them
+    and a LoRA on the head applies).
+
+    Args:
+        model: as for :func:`model_forward`.
+        batch, kind: as for :func:`model_forward`.
+        chunk_tokens: label positions per output-layer call in the loss (``trainer.loss_chunk_tokens``).
+
+    Returns:
+        The hidden states, the head, the chunk size and the autocast state.
+
+    Raises:
+        ConfigError: the model has no output layer that produces its logits unchanged (e.g. Gemma-2's logit
+            softcapping or a logit scale after the head), so the loss cannot apply the head itself.
+    """
+    if getattr(model, "find_unused_parameters", False):
+        # DDP would look for the used parameters in the model's output, which no longer reaches the head: it
+        # would reduce the head's gradient as unused at once, then fail when the loss produces it.
+        raise ConfigError("`trainer.loss_chunk_tokens` needs DDP's find_unused_parameters=False (accelerate's default): "
+                          "the output layer runs after the wrapped forward; set `trainer.loss_chunk_tokens=null`")
+    inner = _unwrap(model)
+    head = inner.get_output_embeddings()
+    if head is None:
+        raise ConfigError(f"`trainer.loss_chunk_tokens`: {type(inner).__name__} has no output layer "
+                          "(get_output_embeddings() is None); set `trainer.loss_chunk_tokens=null`")
+    seen: list[torch.Tensor] = []
+
+    def passthrough(hidden: torch.Tensor) -> torch.Tensor:
+        seen.append(hidden)
+        return hidden
+
+    own = head.__dict__.get("forward")  # an instance-level forward (e.g. accelerate's hooks) to restore
+    head.forward = passthrough
+    try:
+        out = _forward(model, batch, kind)
+    finally:
+        if own is None:
+            del head.forward
+        else:
+            head.forward = own
+    # DDP's static-graph first step passes outputs through a sink that copies them: equal, not identical.
+    if len(seen) != 1 or not (out.logits is seen[0] or torch.equal(out.logits, seen[0])):
+        raise ConfigError(
+            f"`trainer.loss_chunk_tokens`: {type(inner).__name__} does not return its output layer's result as its "
+            "logits (it transforms them after the head, e.g. softcapping or scaling, or calls the head more than "
+            "once), so the loss cannot apply the head chunk by chunk; set `trainer.loss_chunk_tokens=null`")
+    device_type = out.logits.device.type
+    autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+    return HeadInputs(hidden=out.logits, head=head, chunk_tokens=chunk_tokens, autocast=autocast)
+
+
+def _forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], kind: str):
+    """The model's output for a packed batch (see :func:`model_forward`)."""
     inner = _unwrap(model)
     dtype = _attention_dtype(inner)
     if kind == "encdec":
@@ -386,7 +469,7 @@ def model_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], kind: 
             attention_mask=segment_mask(enc_seg, enc_seg, dtype, causal=False),
             return_dict=True,
         )
-        out = model(
+        return model(
             encoder_outputs=encoder_outputs,
             attention_mask=segment_mask(dec_seg, enc_seg, dtype, causal=False),  # cross-attention only
             decoder_input_ids=batch["decoder_input_ids"],
@@ -395,7 +478,6 @@ def model_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], kind: 
             use_cache=False,
             return_dict=True,
         )
-        return out.logits
     if kind not in ("decoder", "prefix_lm"):
         raise ConfigError(f"features: unknown model kind {kind!r}; expected 'encdec', 'decoder' or 'prefix_lm'")
     seg, branch = batch["segment_ids"], batch.get("branch_ids")
@@ -412,7 +494,7 @@ def model_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], kind: 
             f"features: {type(inner).__name__} takes no position_ids, so packed rows cannot restart positions "
             "per segment; use pack=False for it or add an adapter like install_bloom_packing_adapter"
         )
-    return model(**kwargs).logits
+    return model(**kwargs)
 
 
 def check_choice_support(model_type: str, *, choices: bool) -> None:

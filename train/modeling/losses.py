@@ -43,14 +43,24 @@ that rows packed with ``choices=True`` carry (the ``choice_*`` gather tensors of
 The step loss is ``sum_k weight_k * num_k / global_den_k`` (``trainer.loss_weights``; LOSS_NAMES): see
 :func:`local_numerators`, :func:`local_denominators` and :func:`weighted_loss`. An example without a
 choice set contributes only its LM loss; a loss whose global denominator is 0 contributes 0.
+
+Memory-lean loss (``trainer.loss_chunk_tokens``): given the :class:`~train.modeling.features.HeadInputs`
+of :func:`~train.modeling.features.head_inputs` instead of logits, :func:`local_numerators` applies the
+output layer itself, only at the positions a loss reads (labels, answer-choice tokens), ``chunk`` of them
+at a time under ``torch.utils.checkpoint`` (:func:`chunked_token_nll`): peak memory O(chunk x vocab)
+instead of O(tokens x vocab). The per-token NLL then goes through the same normalisation code, so the
+numerators and gradients equal the full-logits ones up to float rounding.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from train.errors import ConfigError
-from train.modeling.features import IGNORE_INDEX
+from train.modeling.features import IGNORE_INDEX, HeadInputs
 
 MODES = ("token_mean", "sequence_mean", "target_mean", "sum")
 LOSS_NAMES = ("lm", "unlikelihood", "rank_classification")  # the keys of trainer.loss_weights
@@ -201,7 +211,11 @@ def choice_scores(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch
     Returns:
         (C,) fp32, in the order of ``batch["choice_slot"]`` (slot 0 = an example's gold choice).
     """
-    logp = choice_token_log_probs(logits, batch)
+    return _choice_scores(choice_token_log_probs(logits, batch), batch)
+
+
+def _choice_scores(logp: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(T,) choice-token log-probabilities -> (C,) mean per choice."""
     n_choices = batch["choice_slot"].shape[0]
     sums = torch.zeros(n_choices, dtype=logp.dtype, device=logp.device).index_add(0, batch["choice_token_choice"], logp)
     counts = torch.bincount(batch["choice_token_choice"], minlength=n_choices).to(logp.dtype)
@@ -226,7 +240,11 @@ def unlikelihood_numerator(logits: torch.Tensor, batch: dict[str, torch.Tensor])
     """Sum over the wrong choices' tokens of ``-log(1 - p(token) + 0.01)``; a differentiable fp32 scalar."""
     if not _has_choices(batch):
         return _zero(logits)
-    logp = choice_token_log_probs(logits, batch)[_wrong_tokens(batch)]
+    return _unlikelihood(choice_token_log_probs(logits, batch), batch)
+
+
+def _unlikelihood(logp: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    logp = logp[_wrong_tokens(batch)]
     return -torch.log(-torch.expm1(logp) + UNLIKELIHOOD_EPS).sum()  # 1 - p as -expm1(log p): exact for small p
 
 
@@ -239,7 +257,11 @@ def rank_classification_numerator(logits: torch.Tensor, batch: dict[str, torch.T
     """Sum over examples with a choice set of CE(softmax(mean log-prob of each choice), gold); fp32 scalar."""
     if not _has_choices(batch):
         return _zero(logits)
-    scores = choice_scores(logits, batch)  # (C,)
+    return _rank_classification(choice_token_log_probs(logits, batch), batch)
+
+
+def _rank_classification(logp: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    scores = _choice_scores(logp, batch)  # (C,)
     example, slot = batch["choice_example"], batch["choice_slot"]
     n_examples, width = int(example.max().item()) + 1, int(slot.max().item()) + 1
     table = torch.full((n_examples, width), float("-inf"), dtype=scores.dtype, device=scores.device)
@@ -258,19 +280,98 @@ def active_weights(loss_weights: object) -> dict[str, float]:
     return {name: float(getattr(loss_weights, name)) for name in LOSS_NAMES if getattr(loss_weights, name) > 0}
 
 
-def local_numerators(logits: torch.Tensor, batch: dict[str, torch.Tensor], mode: str,
+def local_numerators(logits: torch.Tensor | HeadInputs, batch: dict[str, torch.Tensor], mode: str,
                      names: object) -> dict[str, torch.Tensor]:
-    """The micro-batch's numerator of each loss in ``names`` (a subset of LOSS_NAMES), in that order."""
+    """The micro-batch's numerator of each loss in ``names`` (a subset of LOSS_NAMES), in that order.
+
+    Args:
+        logits: (batch, seq, vocab) from :func:`~train.modeling.features.model_forward`, or the
+            :class:`~train.modeling.features.HeadInputs` of :func:`~train.modeling.features.head_inputs`
+            (``trainer.loss_chunk_tokens``): then the output layer runs here, chunk by chunk (see
+            :func:`chunked_token_nll`), and the numerators are the same up to float rounding.
+        batch, mode: as for :func:`local_numerator`.
+        names: the losses to compute.
+    """
+    for name in names:
+        if name not in LOSS_NAMES:
+            raise ConfigError(f"losses: unknown loss {name!r}; expected one of {list(LOSS_NAMES)}")
+    if isinstance(logits, HeadInputs):
+        return _chunked_numerators(logits, batch, mode, names)
     out = {}
     for name in names:
         if name == "lm":
             out[name] = local_numerator(token_nll(logits, batch["labels"]), batch, mode)
         elif name == "unlikelihood":
             out[name] = unlikelihood_numerator(logits, batch)
-        elif name == "rank_classification":
-            out[name] = rank_classification_numerator(logits, batch)
         else:
-            raise ConfigError(f"losses: unknown loss {name!r}; expected one of {list(LOSS_NAMES)}")
+            out[name] = rank_classification_numerator(logits, batch)
+    return out
+
+
+def chunked_token_nll(inputs: HeadInputs, index: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """NLL of ``targets`` at flat positions ``index``, applying the output layer ``inputs.chunk_tokens`` rows at a time.
+
+    Each chunk's (chunk, vocab) logits exist only inside a ``torch.utils.checkpoint`` region: the forward
+    keeps the chunk's NLL and its (chunk, hidden) input, and the backward recomputes the chunk's logits to
+    differentiate them. So the peak is O(chunk x vocab), not O(positions x vocab), at the price of one more
+    output-layer matmul per chunk in the backward. The head is called as a module (hooks fire: DeepSpeed
+    ZeRO-3 gathers its weight, a peft LoRA on it applies) under the forward pass's autocast state, and the
+    NLL is computed exactly as :func:`token_nll` does (fp32 cross-entropy of the logits).
+
+    Args:
+        inputs: from :func:`~train.modeling.features.head_inputs`.
+        index: (N,) int64 flat positions ``b * seq + t`` of ``inputs.hidden``.
+        targets: (N,) int64 token to score at each position.
+
+    Returns:
+        (N,) fp32 NLL. Even with N == 0 it runs one empty chunk, so the result's graph reaches the head and
+        the body (a micro-batch without a target must still give every parameter a gradient, for DDP).
+    """
+    hidden = inputs.hidden.reshape(-1, inputs.hidden.shape[-1])  # (batch * seq, hidden)
+    head_nll = functools.partial(_head_nll, inputs.head)
+    device_type, enabled, dtype = inputs.autocast
+    parts = []
+    with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+        for start in range(0, max(index.numel(), 1), inputs.chunk_tokens):
+            rows = index[start:start + inputs.chunk_tokens]
+            parts.append(checkpoint(head_nll, hidden[rows], targets[start:start + inputs.chunk_tokens],
+                                    use_reentrant=False))
+    return torch.cat(parts)
+
+
+def _head_nll(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(chunk, hidden) -> (chunk,) fp32 NLL, as :func:`token_nll` computes it."""
+    return torch.nn.functional.cross_entropy(head(hidden).float(), targets, reduction="none")
+
+
+def _chunked_numerators(inputs: HeadInputs, batch: dict[str, torch.Tensor], mode: str,
+                        names: object) -> dict[str, torch.Tensor]:
+    """:func:`local_numerators` with the output layer applied only at the positions some loss reads.
+
+    Those are the label positions (LM loss) and the choice tokens' positions (T-Few's losses): one
+    chunked pass over both. The LM NLL is scattered back to (batch, seq), 0 where there is no label, and
+    goes through the same :func:`local_numerator` as the unchunked path; a choice token's log-probability
+    is minus its NLL.
+    """
+    labels = batch["labels"].reshape(-1)  # (batch * seq,)
+    empty = labels.new_zeros(0)
+    lm_index = (labels != IGNORE_INDEX).nonzero()[:, 0] if "lm" in names else empty
+    choices = _has_choices(batch) and any(name != "lm" for name in names)
+    choice_index = batch["choice_logit_index"] if choices else empty
+    choice_ids = batch["choice_token_ids"] if choices else empty
+    nll = chunked_token_nll(inputs, torch.cat([lm_index, choice_index]), torch.cat([labels[lm_index], choice_ids]))
+    lm_nll, choice_logp = nll[:lm_index.numel()], -nll[lm_index.numel():]
+    out = {}
+    for name in names:
+        if name == "lm":
+            token = torch.zeros(labels.shape, dtype=nll.dtype, device=nll.device).index_copy(0, lm_index, lm_nll)
+            out[name] = local_numerator(token.view(batch["labels"].shape), batch, mode)  # (batch, seq) NLL
+        elif not choices:
+            out[name] = nll.sum() * 0.0  # a zero that keeps the graph, as _zero does
+        elif name == "unlikelihood":
+            out[name] = _unlikelihood(choice_logp, batch)
+        else:
+            out[name] = _rank_classification(choice_logp, batch)
     return out
 
 
