@@ -164,6 +164,17 @@ def test_validate_lists_every_bound_problem_at_once(capsys):
                "`trainer.global_batch_size` is -8", "`optim.eps` is 0.0", "`logging.every_steps` is 0", "3 problem(s) found")
 
 
+def test_validate_checks_the_data_lanes_against_the_batch_and_the_ranks(capsys, monkeypatch):
+    user_error(["validate", DEMO, "data.lanes=3"], capsys, "data.lanes=3 must divide the global batch of 8 rows",
+               "[1, 2, 4, 8]")
+    from train.loop.validation import validate_run
+
+    monkeypatch.setenv("WORLD_SIZE", "16")  # as accelerate sets it (the CLI itself would os._exit under it)
+    problems = validate_run(DEMO, ["trainer.global_batch_size=32", "data.lanes=8"])["problems"]
+    assert len(problems) == 1 and "split over 16 rank(s)" in problems[0], problems
+    assert "data.lanes=8 does not split over 16 ranks" in problems[0] and "[16, 32]" in problems[0]
+
+
 def test_duplicate_keys_in_a_config_file_name_both_lines(tmp_path, capsys):
     path = tmp_path / "dup.yaml"
     path.write_text("model:\n  config: configs/models/t5_tiny.json\noptim:\n  lr: 1.0e-3\n  lr: 0.1\n")

@@ -3,11 +3,13 @@
 Checks, in data-flow order: the config (keys, types, cross-field rules); the training mixture resolves
 (task files, includes, nested mixtures, rates); the eval mixture resolves and does not overlap training
 (held-out guard); each task's templates render on a few rows; the model config and the tokenizer load,
-and they agree (vocab size, model kind).
+and they agree (vocab size, model kind); the batch plan and the data lanes fit the rank count (``WORLD_SIZE``,
+1 for a plain ``mtf validate``).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -66,8 +68,16 @@ def validate_run(config_path: str, overrides: list[str]) -> dict[str, Any]:
 
     model_config = attempt("model config loads", lambda: load_model_config(cfg.model))
     tokenizer = attempt("tokenizer loads", lambda: load_tokenizer(cfg.model))
+    info = None
     if model_config is not None and tokenizer is not None:
-        attempt("model and tokenizer agree", lambda: model_info(cfg.model, model_config, tokenizer))
+        info = attempt("model and tokenizer agree", lambda: model_info(cfg.model, model_config, tokenizer))
+    if info is not None and not cross:  # the plan needs valid numbers
+        from train.data.lanes import resolve_lanes
+        from train.loop.trainer import plan_batch
+
+        ranks = int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate / torchrun; 1 for a plain `mtf validate`
+        attempt(f"batch plan and data lanes split over {ranks} rank(s)",
+                lambda: resolve_lanes(cfg.data.lanes, plan_batch(cfg, info.kind, ranks).global_rows, ranks))
     if cfg.model.name_or_path and Path(cfg.model.name_or_path).is_dir():
         attempt("model weights are present and whole", lambda: check_local_weights(Path(cfg.model.name_or_path)))
     return {"config": str(config_path), "checks": checks, "problems": found}
