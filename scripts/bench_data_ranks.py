@@ -30,7 +30,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -46,6 +45,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))  # benchmarks_md
+import benchmarks_md  # noqa: E402
 
 BEGIN, END = "<!-- bench_data_ranks:begin -->", "<!-- bench_data_ranks:end -->"
 
@@ -165,14 +166,6 @@ def render(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace this benchmark's section of ``path`` (or append it) with the learning check's writer."""
-    spec = importlib.util.spec_from_file_location("learning_check", REPO / "scripts" / "learning_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.write_section(path, section, BEGIN, END)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 8, 64], help="simulated rank counts; the first is the base")
@@ -190,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(render(results))
     if args.write_benchmarks:
-        write_section(Path(args.write_benchmarks), render(results))
+        benchmarks_md.write_section(Path(args.write_benchmarks), render(results), BEGIN, END)
     return 0
 
 

@@ -65,6 +65,8 @@ import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))  # benchmarks_md
+import benchmarks_md  # noqa: E402
 
 SHARED = Path(os.environ.get("MTF_SHARED_DIR", REPO.parent / "shared")) / "data"
 EVAL_SETS = {"demo_eval": REPO / "data_mixtures/demo_eval.yaml", "local_eval": REPO / "data_mixtures/local_eval.yaml"}
@@ -414,14 +416,6 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace this benchmark's section of ``path`` (or append it) with the learning check's writer."""
-    spec = importlib.util.spec_from_file_location("learning_check", REPO / "scripts" / "learning_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.write_section(path, section, BEGIN, END)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-examples-per-template", type=int, default=60, help="rows rendered per task")
@@ -505,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": command, "rows": rows, "render_before_after": render, "skipped": skipped,
     }
     if args.write_benchmarks:
-        write_section(Path(args.write_benchmarks), markdown(results))
+        benchmarks_md.write_section(Path(args.write_benchmarks), markdown(results), BEGIN, END)
         log(f"wrote {args.write_benchmarks}")
     if args.json:
         print(json.dumps(results, indent=2))

@@ -72,7 +72,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -89,6 +88,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))  # benchmarks_md
+import benchmarks_md  # noqa: E402
 
 BEGIN, END = "<!-- bench_gpu:begin -->", "<!-- bench_gpu:end -->"
 DEMO = REPO / "configs" / "demo.yaml"
@@ -525,14 +526,6 @@ def render(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace this benchmark's section of ``path`` (or append it) with the learning check's writer."""
-    spec = importlib.util.spec_from_file_location("learning_check", REPO / "scripts" / "learning_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.write_section(path, section, BEGIN, END)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny models, short rows, fp32 on the CPU (a test)")
@@ -562,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(render(results))
     if args.write_benchmarks:
-        write_section(Path(args.write_benchmarks), render(results))
+        benchmarks_md.write_section(Path(args.write_benchmarks), render(results), BEGIN, END)
     return 0
 
 

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import json
 import random
 import statistics
@@ -47,6 +46,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))  # benchmarks_md
+import benchmarks_md  # noqa: E402
 
 BEGIN, END = "<!-- bench_loss_memory:begin -->", "<!-- bench_loss_memory:end -->"
 MIB = 2 ** 20
@@ -181,14 +182,6 @@ def render(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace this benchmark's section of ``path`` (or append it) with the learning check's writer."""
-    spec = importlib.util.spec_from_file_location("learning_check", REPO / "scripts" / "learning_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.write_section(path, section, BEGIN, END)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vocab", type=int, default=250_000)
@@ -205,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     results = measure(args)
     print(json.dumps(results, indent=1) if args.json else render(results))
     if args.write_benchmarks:
-        write_section(Path(args.write_benchmarks), render(results))
+        benchmarks_md.write_section(Path(args.write_benchmarks), render(results), BEGIN, END)
     return 0
 
 

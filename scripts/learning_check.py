@@ -46,6 +46,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))  # benchmarks_md
+import benchmarks_md  # noqa: E402
 SHARED = REPO.parent / "shared" / "data"
 ARMS = ("learning", "packed", "sequence_mean", "target_mean", "unpacked_equal_examples", "unpacked_equal_time")
 CHANCE = {"ag_news": 0.25, "trec": 1 / 6, "rotten_tomatoes": 0.5}
@@ -338,20 +340,6 @@ def markdown(results: dict, machine: str, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str, begin: str = BEGIN, end: str = END) -> None:
-    """Replace the section between ``begin`` and ``end`` of BENCHMARKS.md (or append it), leaving the rest alone.
-
-    The learning check's markers by default; scripts/merge_check.py passes its own.
-    """
-    text = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n"
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        text = head + section.rstrip("\n") + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text, encoding="utf-8")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(REPO / "runs" / "learning_check"))
@@ -391,7 +379,7 @@ def main() -> None:
 
         machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
         command = "`, then `".join(results.get("commands") or ["python scripts/learning_check.py"])
-        write_section(Path(args.write_benchmarks), markdown(results, machine, command))
+        benchmarks_md.write_section(Path(args.write_benchmarks), markdown(results, machine, command), BEGIN, END)
     print(json.dumps(results, indent=2))
 
 

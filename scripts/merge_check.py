@@ -56,6 +56,8 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))  # benchmarks_md
+import benchmarks_md  # noqa: E402
 SHARED = REPO.parent / "shared" / "data"
 CONFIG = "configs/merge_check.yaml"
 BEGIN, END = "<!-- merge_check:begin -->", "<!-- merge_check:end -->"
@@ -585,11 +587,6 @@ def markdown(results: dict, machine: str, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace the merge-check section of ``path`` (or append it), leaving the rest alone."""
-    lc.write_section(path, section, BEGIN, END)
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(REPO / "runs" / "merge_check"))
@@ -643,7 +640,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
         command = "`, then `".join(results.get("commands") or ["python scripts/merge_check.py"])
-        write_section(Path(args.write_benchmarks), markdown(results, machine, command))
+        benchmarks_md.write_section(Path(args.write_benchmarks), markdown(results, machine, command), BEGIN, END)
     print(json.dumps(results, indent=2))
     return results
 

@@ -5,6 +5,7 @@ Tests that read ``../shared`` (real PromptSource templates, real task data, real
 """
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -61,3 +62,44 @@ def load_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def reset_accelerate() -> None:
+    """Forget accelerate's process-wide state: every in-process ``mtf train`` / ``mtf eval`` builds an Accelerator."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    PartialState._reset_state()
+
+
+@contextmanager
+def fresh_accelerate():
+    """Run the body with a fresh accelerate state, and leave a fresh one behind, even when it raises."""
+    reset_accelerate()
+    try:
+        yield
+    finally:
+        reset_accelerate()
+
+
+def run_cli(argv: list, capsys=None) -> tuple[int, str]:
+    """(exit code, stdout + stderr) of ``mtf ARGV`` run in this process."""
+    from train.cli import main
+
+    try:
+        code = main([str(a) for a in argv])
+    finally:
+        if argv and argv[0] in ("train", "eval"):
+            reset_accelerate()
+    out = capsys.readouterr() if capsys is not None else None
+    return code, (out.out + out.err) if out else ""
+
+
+def user_error(argv: list, capsys, *phrases: str) -> str:
+    """Assert ``mtf ARGV`` exits 2 with every phrase in its message and no traceback; return the output."""
+    code, out = run_cli(argv, capsys)
+    assert code == 2, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    for phrase in phrases:
+        assert phrase in out, (phrase, out[-3000:])
+    return out

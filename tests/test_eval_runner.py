@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import requires_shared
+from conftest import fresh_accelerate, requires_shared
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_EVAL = str(REPO / "data_mixtures/demo_eval.yaml")
@@ -18,32 +18,18 @@ CAP = 8  # examples per template: 12 templates x 8 examples keep each run at a f
 
 def _run(model: Path, **kwargs) -> dict:
     """``run_eval_command`` in this process, with a fresh accelerate state (it creates an Accelerator)."""
-    from accelerate.state import AcceleratorState, PartialState
-
     from train.evaluation.runner import run_eval_command
 
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
-    try:
+    with fresh_accelerate():
         return run_eval_command(model_dir=str(model), mixture=DEMO_EVAL, max_examples_per_template=CAP,
                                 batch_size=16, **kwargs)
-    finally:
-        AcceleratorState._reset_state(True)
-        PartialState._reset_state()
 
 
 def _run_mixture(model: Path, mixture: str) -> dict:
-    from accelerate.state import AcceleratorState, PartialState
-
     from train.evaluation.runner import run_eval_command
 
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
-    try:
+    with fresh_accelerate():
         return run_eval_command(model_dir=str(model), mixture=mixture, max_examples_per_template=2, batch_size=16)
-    finally:
-        AcceleratorState._reset_state(True)
-        PartialState._reset_state()
 
 
 @pytest.fixture(scope="module")

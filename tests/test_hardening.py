@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAST
+from conftest import FAST, run_cli, user_error
 from test_trainer import _losses
 from train.cli import main
 from train.loop.checkpointing import MARKER, list_complete
@@ -46,34 +46,6 @@ def _quiet_libraries():
     yield
     transformers.logging.set_verbosity(before[0])
     datasets.logging.set_verbosity(before[1])
-
-
-def _reset_accelerate() -> None:
-    from accelerate.state import AcceleratorState, PartialState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    PartialState._reset_state()
-
-
-def run_cli(argv: list[str], capsys=None) -> tuple[int, str]:
-    """(exit code, stdout + stderr) of ``mtf ARGV`` in this process."""
-    try:
-        code = main([str(a) for a in argv])
-    finally:
-        if argv and argv[0] == "train":
-            _reset_accelerate()
-    out = capsys.readouterr() if capsys is not None else None
-    return code, (out.out + out.err) if out else ""
-
-
-def user_error(argv: list[str], capsys, *phrases: str) -> str:
-    """Assert ``mtf ARGV`` exits 2 with every phrase in its message and no traceback; return the output."""
-    code, out = run_cli(argv, capsys)
-    assert code == 2, out[-3000:]
-    assert "Traceback" not in out, out[-3000:]
-    for phrase in phrases:
-        assert phrase in out, (phrase, out[-3000:])
-    return out
 
 
 def _train_args(run: Path, steps: int, *extra: str) -> list[str]:

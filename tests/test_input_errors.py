@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHARED_DATA, requires_shared
+from conftest import SHARED_DATA, requires_shared, user_error
 from train.cli import main
 from train.errors import ConfigError, DataError
 
@@ -40,23 +40,6 @@ def _quiet_libraries():
     yield
     transformers.logging.set_verbosity(before[0])
     datasets.logging.set_verbosity(before[1])
-
-
-def user_error(argv: list, capsys, *phrases: str) -> str:
-    """Assert ``mtf ARGV`` exits 2 with every phrase in its message and no traceback; return the output."""
-    code = main([str(a) for a in argv])
-    if argv[0] == "train":
-        from accelerate.state import AcceleratorState, PartialState
-
-        AcceleratorState._reset_state(reset_partial_state=True)
-        PartialState._reset_state()
-    out = capsys.readouterr()
-    text = out.out + out.err
-    assert code == 2, text[-3000:]
-    assert "Traceback" not in text, text[-3000:]
-    for phrase in phrases:
-        assert phrase in text, (phrase, text[-3000:])
-    return text
 
 
 def _llama(tmp_path: Path, name: str, **fields) -> Path:

@@ -47,8 +47,8 @@ def test_benchmarks_section_is_replaced_in_place(tmp_path):
                "arms": {"learning": arm, "packed": arm, "unpacked_equal_examples": {**arm, "train_seconds": 150.0}}}
     bench = tmp_path / "BENCHMARKS.md"
     bench.write_text("# Benchmarks\n\nother section\n")
-    lc.write_section(bench, lc.markdown(results, "test machine", "cmd"))
-    lc.write_section(bench, lc.markdown(results, "test machine", "cmd"))  # twice: still one section
+    lc.benchmarks_md.write_section(bench, lc.markdown(results, "test machine", "cmd"), lc.BEGIN, lc.END)
+    lc.benchmarks_md.write_section(bench, lc.markdown(results, "test machine", "cmd"), lc.BEGIN, lc.END)  # twice: still one section
     text = bench.read_text()
     assert text.count(lc.BEGIN) == 1 and "other section" in text
     assert "**80.0**" in text and "| unpacked_equal_examples | 80.0 | 70.0 | 66.0 |" in text and "3.00x time" in text

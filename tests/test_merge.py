@@ -23,6 +23,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 from transformers import GPT2Config, GPT2LMHeadModel, T5Config, T5ForConditionalGeneration
 
+from conftest import fresh_accelerate
 from train.errors import ConfigError
 from train.experts.merge_config import load_merge_config
 from train.experts.merging import merge
@@ -404,7 +405,6 @@ def test_every_shipped_merge_config_validates(tmp_path, monkeypatch):
 
 def test_the_merge_loads_and_mtf_eval_scores_it(tmp_path, capsys):
     """A tiny T5 with the real T5 tokenizer, two experts, `mtf merge` then `mtf eval` in this process."""
-    from accelerate.state import AcceleratorState, PartialState
     from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
 
     from train.cli import main
@@ -429,14 +429,9 @@ def test_the_merge_loads_and_mtf_eval_scores_it(tmp_path, capsys):
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     loaded = AutoModelForSeq2SeqLM.from_pretrained(out)
     assert loaded.shared.weight.dtype == torch.bfloat16
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
-    try:
+    with fresh_accelerate():
         code = main(["eval", str(out), "--mixture", "data_mixtures/demo_eval.yaml", "--max-examples-per-template", "5",
                      "--output", str(tmp_path / "eval.json")])
-    finally:
-        AcceleratorState._reset_state(True)
-        PartialState._reset_state()
     assert code == 0, capsys.readouterr().err[-3000:]
     # rows 0-4 hold both COPA questions (rows 0-3 are all "effect"), so the cause-only and effect-only templates score too
     assert len(json.loads((tmp_path / "eval.json").read_text())["templates"]["super_glue/copa"]) == 12

@@ -18,7 +18,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, ByT5Tokenizer
 
-from conftest import FAST
+from conftest import FAST, fresh_accelerate
 from train.config import load_config
 from train.data.packing import Packer, build_row, count_choice_sets
 from train.errors import ConfigError
@@ -347,8 +347,6 @@ def test_config_weights_bounds_and_bloom(monkeypatch):
 
 
 def test_train_logs_the_three_losses_and_the_examples_with_choices(tmp_path, monkeypatch):
-    from accelerate.state import AcceleratorState, PartialState
-
     from train.loop.trainer import train
 
     monkeypatch.chdir(REPO)
@@ -356,11 +354,8 @@ def test_train_logs_the_three_losses_and_the_examples_with_choices(tmp_path, mon
                                             "data.max_examples_per_task=24", "logging.wandb.mode=disabled",
                                             "trainer.loss_weights.unlikelihood=1",
                                             "trainer.loss_weights.rank_classification=1"])
-    try:
+    with fresh_accelerate():
         summary = train(cfg)
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        PartialState._reset_state()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     last = records[-1]
     parts = [last[f"train/loss_{k}"] for k in ("lm", "unlikelihood", "rank_classification")]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAST
+from conftest import FAST, fresh_accelerate
 from train.loop.checkpointing import MARKER, find_resume_checkpoint, list_complete
 from train.errors import EXIT_PREEMPTED
 
@@ -139,8 +139,6 @@ def test_sigterm_checkpoints_and_exits_with_the_preemption_code(tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    from accelerate.state import AcceleratorState, PartialState
-
     import train.modeling.losses as losses_mod
     from train.config import load_config
     from train.errors import TrainingError
@@ -158,12 +156,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     monkeypatch.setattr(losses_mod, "local_numerator", poisoned)
     cfg = load_config("configs/demo.yaml", [*FAST, "trainer.max_steps=10", f"run.output_dir={tmp_path}",
                                             "checkpoint.every_steps=2"])
-    try:
+    with fresh_accelerate():
         with pytest.raises(TrainingError, match=r"non-finite loss \(nan\) at step 4.*last good checkpoint"):
             run_training(cfg)
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        PartialState._reset_state()
     done = list_complete(tmp_path)
     assert [p.name for p in done] == ["step-00000002"]
     state = json.loads((done[-1] / "trainer_state.json").read_text())
