@@ -14,12 +14,13 @@ export WANDB_MODE ?= offline
 # DeepSpeed builds a comm op on first use (~29 s); keep the build between runs.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: install demo test test-fast bench learning-check merge-check clean help
+.PHONY: install demo test test-fast bench bench-check learning-check merge-check clean help
 
 help:
 	@echo "make demo   - set up .venv and run the demo: train a tiny T5 on data_mixtures/demo_train.yaml, zero-shot eval on COPA"
 	@echo "make test   - set up .venv and run the test suite"
-	@echo "make bench  - run the benchmarks in scripts/ and rewrite BENCHMARKS.md"
+	@echo "make bench  - run the benchmarks in scripts/ (2 processes each, pooled) and rewrite BENCHMARKS.md"
+	@echo "make bench-check - run them again; BENCHMARKS.md says which ratios land inside make bench's spreads"
 	@echo "make learning-check - train a small T5 from scratch on 3 real tasks (needs ../shared), ablations, BENCHMARKS.md"
 	@echo "make merge-check - experts per task from one base, merged 5 ways vs multitask (needs ../shared), BENCHMARKS.md"
 
@@ -45,7 +46,9 @@ test-fast: install
 
 bench: install
 	$(PY) scripts/write_benchmarks.py --out BENCHMARKS.md
-	$(PY) scripts/bench_data_ranks.py --write-benchmarks BENCHMARKS.md
+
+bench-check: install
+	$(PY) scripts/write_benchmarks.py --out BENCHMARKS.md --check-against runs/bench/results.json
 
 learning-check: install
 	$(PY) scripts/learning_check.py --write-benchmarks BENCHMARKS.md --plot docs

@@ -125,31 +125,42 @@ def measure(args) -> dict:
                 r = time_arm(cfg, tokenizer, info, w, args.rows_per_rank, args.steps, arm, args.min_seconds)
                 results[f"{arm}@{w}"].append(r["seconds_per_step"])
                 meta[f"{arm}@{w}"] = {k: v for k, v in r.items() if k != "seconds_per_step"}
-    table = []
-    for w in args.ranks:
-        row = {"ranks": w}
-        for arm in ("lanes", "global"):
-            times = results[f"{arm}@{w}"]
-            base = statistics.median(results[f"{arm}@{args.ranks[0]}"])
-            per_repeat = [t / b for t, b in zip(times, results[f"{arm}@{args.ranks[0]}"])]
-            row[arm] = {"min_ms": 1e3 * min(times), "median_ms": 1e3 * statistics.median(times),
-                        "vs_1_rank": statistics.median(times) / base,
-                        "vs_1_rank_spread": [min(per_repeat), max(per_repeat)], **meta[f"{arm}@{w}"]}
-        table.append(row)
     return {"ranks": args.ranks, "rows_per_rank": args.rows_per_rank, "steps": args.steps,
             "min_seconds": args.min_seconds, "repeats": args.repeats,
-            "threads": args.threads, "pack_window": cfg.data.pack_window, "table": table,
-            "raw_seconds_per_step": results}
+            "threads": args.threads, "pack_window": cfg.data.pack_window, "table": tabulate(results, args.ranks, meta),
+            "raw_seconds_per_step": results, "meta": meta}
+
+
+def tabulate(raw: dict[str, list[float]], ranks: list[int], meta: dict) -> list[dict]:
+    """One row per rank count: ms per step (min, median) and the median against the same arm at ``ranks[0]``.
+
+    Args:
+        raw: ``"{arm}@{ranks}"`` -> seconds per step, one per repeat (repeat ``i`` of every key ran in one round).
+        meta: ``"{arm}@{ranks}"`` -> what the arm built (lanes, rows), from :func:`time_arm`.
+    """
+    table = []
+    for w in ranks:
+        row = {"ranks": w}
+        for arm in ("lanes", "global"):
+            times, base_times = raw[f"{arm}@{w}"], raw[f"{arm}@{ranks[0]}"]
+            per_repeat = [t / b for t, b in zip(times, base_times)]
+            row[arm] = {"min_ms": 1e3 * min(times), "median_ms": 1e3 * statistics.median(times),
+                        "vs_1_rank": statistics.median(times) / statistics.median(base_times),
+                        "vs_1_rank_spread": [min(per_repeat), max(per_repeat)], **meta[f"{arm}@{w}"]}
+        table.append(row)
+    return table
 
 
 def render(results: dict) -> str:
+    pooled = (f" ({results['invocations']} processes of {results['repeats'] // results['invocations']} pooled)"
+              if results.get("invocations", 1) > 1 else "")
     lines = [BEGIN, "## Per-rank data time at simulated rank counts (`scripts/bench_data_ranks.py`)", "",
              f"The data path of `mtf train` alone, as rank 0 of W ranks runs it, {results['rows_per_rank']} packed rows per "
              f"rank per step (the global batch grows with W), demo mixture (3 tasks, PromptSource templates, T5 tokenizer, "
              f"enc-dec 256/64, window {results['pack_window']}). Timed per step: building the rank's rows, the step's data "
              f"counts, collating the rank's micro-batch; steady state (warm-up steps fill the windows first). "
              f"**lanes**: `data.lanes=auto`, rank 0 builds only its lanes. **global**: one stream and one packer build the "
-             f"whole global batch on every rank (the design before lanes). {results['repeats']} repeats, arms alternating, "
+             f"whole global batch on every rank (the design before lanes). {results['repeats']} repeats{pooled}, arms alternating, "
              f"at least {results['steps']} steps and {results['min_seconds']:g} s each, {results['threads']} torch thread(s); ms per step as min / median; "
              "\"vs 1 rank\" = median / the same arm's median at 1 rank, with the range of per-repeat ratios.", "",
              "| ranks | lanes (of rank 0 / all) | lanes ms/step | lanes vs 1 rank | global rows built | global ms/step | global vs 1 rank |",

@@ -119,6 +119,7 @@ def bench_task(model, tokenizer, examples: list[dict], batch_size: int, repeats:
         "ratio": ratio["ratio"],  # encoder-once over naive: the ratio of the median rates
         "ratio_min": ratio["min"],  # min and max of the per-round ratios
         "ratio_max": ratio["max"],
+        "ratio_per_round": ratio["per_round"],
         "max_abs_score_diff": diff,
     }
 

@@ -152,6 +152,7 @@ def summarize(runs: list[dict]) -> dict:
     for key in TIMINGS:
         s = bb.spread([r[key] for r in runs])
         out[key], out[f"{key}_min"], out[f"{key}_max"] = s["median"], s["min"], s["max"]
+        out[f"{key}_values"] = s["values"]  # per round, so write_benchmarks.py can pool invocations
     for key in PEAKS:
         if key in runs[0]:
             out[key] = max(r[key] for r in runs)

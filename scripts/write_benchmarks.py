@@ -1,14 +1,23 @@
 """Run every benchmark in scripts/ on this machine and rewrite BENCHMARKS.md.
 
 Each figure is a ratio against a baseline measured in the same run (packed vs padded, mtf vs the
-Hugging Face Trainer and TRL, encoder-once vs per-choice scoring), or an absolute rate with the machine
-it was measured on. Timed arms alternate, the order reversed every round, for at least 3 rounds
-(scripts/bench_baselines.py): rates are given as median (min-max) over the rounds, ratios as the ratio
-of the medians (min-max of the per-round ratios). Tests never assert speed.
+Hugging Face Trainer and TRL, encoder-once vs per-choice scoring, data lanes vs one global packer), or
+an absolute rate with the machine it was measured on. Timed arms alternate, the order reversed every
+round (scripts/bench_baselines.py). A machine's load changes over minutes, so two runs of one benchmark
+differ more than the rounds of one run do: every benchmark runs as ``--invocations`` independent
+processes (default 2, interleaved with the other benchmarks), each ``--repeats`` rounds (default 3), and
+the rounds of all of them are pooled. Rates are the median (min-max) over the pooled rounds; a ratio is
+the ratio of the pooled medians, with the min-max of the pooled per-round ratios as its spread. Tests
+never assert speed.
+
+The pooled figures are also written as JSON (``--json-out``, default runs/bench/results.json). A second
+run with ``--check-against`` that file measures everything again the same way and, instead of replacing
+the tables, writes which of its ratios fall inside the first run's spreads (the "Rerun check" section).
 
 Usage::
 
-    python scripts/write_benchmarks.py [--out BENCHMARKS.md] [--quick]
+    python scripts/write_benchmarks.py [--out BENCHMARKS.md] [--invocations 2] [--repeats 3] [--quick]
+    python scripts/write_benchmarks.py --check-against runs/bench/results.json   # make bench-check
 """
 
 from __future__ import annotations
@@ -18,16 +27,22 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+import bench_baselines as bb  # noqa: E402
+import bench_data_ranks  # noqa: E402
+import benchmarks_md  # noqa: E402
+
+RERUN_BEGIN, RERUN_END = benchmarks_md.markers("rerun_check")
 # Sections written by their own, longer scripts (make learning-check, make merge-check, bench_eval_e2e.py):
 # kept as they are when this script rewrites the file.
-KEPT_SECTIONS = [(f"<!-- {name}:begin -->", f"<!-- {name}:end -->")
-                 for name in ("learning_check", "merge_check", "bench_eval_e2e", "bench_data_ranks",
-                              "bench_loss_memory")]
+KEPT_SECTIONS = [benchmarks_md.markers(name)
+                 for name in ("learning_check", "merge_check", "bench_eval_e2e", "bench_loss_memory", "bench_gpu")]
 # What each training arm of bench_packing.py is (scripts/bench_packing.py and bench_baselines.py say more).
 ARMS = {
     "mtf_packed": "`mtf train`, `data.packing=true` (each micro-batch padded to its longest row, `data.pad_to=auto`)",
@@ -53,6 +68,12 @@ def rate(s: dict, digits: int = 0) -> str:
     return f"{s['median']:,.{digits}f} ({s['min']:,.{digits}f}–{s['max']:,.{digits}f})"
 
 
+def rounds(d: dict) -> str:
+    """``N rounds``, and how many processes they were pooled from."""
+    n, inv = d["repeats"], d.get("invocations", 1)
+    return f"{n} rounds" + (f" ({inv} processes of {n // inv}, pooled)" if inv > 1 else "")
+
+
 def packing_lines(packing: dict) -> list[str]:
     lines = [
         "## Packing (`scripts/bench_packing.py`)",
@@ -76,7 +97,7 @@ def packing_lines(packing: dict) -> list[str]:
               "tasks' targets are short next to T0's 256-token target capacity (a smaller `data.max_target_tokens` "
               "fills it).", "",
               f"Packer (`Packer.next_row`, decoder, 1024 tokens, window 16): {rate(p)} examples/s over "
-              f"{len(p['values'])} rounds."]
+              f"{rounds({'repeats': len(p['values']), 'invocations': packing.get('invocations', 1)})}."]
     for kind, t in packing.get("train", {}).items():
         caps = ", ".join(f"`{k}={v}`" for k, v in t["capacity"].items())
         lines += [
@@ -88,7 +109,7 @@ def packing_lines(packing: dict) -> list[str]:
             f"the same seeded stream for every arm; {caps}; {t['rows_per_step']} packed row(s) per step, or "
             f"{t['examples_per_unpacked_step']} examples per unpacked step (= the packed rows' "
             f"{t['examples_per_packed_row']:.1f} examples per row). Each run: {t['warmup_steps']} untimed warm-up "
-            f"step(s), then {t['timed_steps']} timed steps; the arms alternate for {t['repeats']} rounds, the order "
+            f"step(s), then {t['timed_steps']} timed steps; the arms alternate for {rounds(t)}, the order "
             "reversed every round.",
             "",
             "| arm | what runs | real tokens/s, median (min–max) |",
@@ -118,8 +139,8 @@ def mixture_lines(mixture: dict) -> list[str]:
         "## Mixture stream (`scripts/bench_mixture.py`)",
         "",
         "Cached (memory-mapped Arrow) tokenized tasks; the stream's heap must stay flat as the data grows. One",
-        f"fresh process per size and round, the sizes alternating for {mixture['repeats']} rounds (order reversed",
-        "every round): rates and restore times as median (min–max) over the rounds, memory as the largest over them.",
+        f"fresh process per size and round, the sizes alternating for {rounds(mixture)}, the order",
+        "reversed every round: rates and restore times as median (min–max) over the rounds, memory as the largest.",
         "",
         "| examples | examples/s | tokens/s | restore (ms) | state (bytes) | Python heap peak (MiB) | max RSS (MiB) |",
         "|---|---|---|---|---|---|---|",
@@ -136,7 +157,7 @@ def mixture_lines(mixture: dict) -> list[str]:
 
 def eval_lines(evaluation: dict) -> list[str]:
     tasks = {task: row for task, row in evaluation.items() if isinstance(row, dict) and "ratio" in row}
-    repeats = next(iter(tasks.values()))["repeats"] if tasks else 0
+    first = next(iter(tasks.values())) if tasks else {"repeats": 0}
     lines = [
         "## Rank classification (`scripts/bench_eval.py`)",
         "",
@@ -144,7 +165,7 @@ def eval_lines(evaluation: dict) -> list[str]:
         f"{evaluation.get('batch_size', 8)} examples, {evaluation.get('threads', 1)} torch thread(s). Compared: "
         "encoder-once scoring (`train.evaluation`) against",
         "the baseline that re-runs the encoder for every answer choice (t-zero). Scores must be identical. One",
-        f"warm-up call each, then {repeats} rounds alternating the two, the order reversed every round.",
+        f"warm-up call each, then {rounds(first)} alternating the two, the order reversed every round.",
         "",
         "| task | naive ex/s, median (min–max) | encoder-once ex/s, median (min–max) | ratio of medians | "
         "per-round ratios | max abs score diff |",
@@ -158,30 +179,218 @@ def eval_lines(evaluation: dict) -> list[str]:
     return lines
 
 
+# ----------------------------------------------------------------------------------------- pooling
+
+
+def _pool_rates(spreads: list[dict]) -> dict:
+    """One arm's per-round rates from several invocations, pooled into one spread."""
+    return bb.spread([v for s in spreads for v in s["values"]])
+
+
+def _pool_ratio(numerators: list[dict], denominators: list[dict], per_round: list[list[float]]) -> dict:
+    """Ratio of the pooled medians, spread over the pooled per-round ratios (each from one round of one process)."""
+    rounds = [r for rs in per_round for r in rs]
+    num = statistics.median(v for s in numerators for v in s["values"])
+    den = statistics.median(v for s in denominators for v in s["values"])
+    return {"ratio": num / den, "min": min(rounds), "max": max(rounds), "per_round": rounds}
+
+
+def _same(values: list, what: str):
+    """A figure that does not depend on timing (packing efficiency, rows built): equal in every invocation."""
+    if any(v != values[0] for v in values[1:]):
+        raise SystemExit(f"{what} differs between invocations of one benchmark ({values}): it should not depend on "
+                         "timing; a benchmark's data or configuration changed between them")
+    return values[0]
+
+
+def pool_packing(runs: list[dict]) -> dict:
+    out = dict(runs[0])
+    for kind in ("decoder", "encdec"):
+        for key, value in runs[0][kind].items():
+            if isinstance(value, (int, float)):
+                _same([r[kind][key] for r in runs], f"packing {kind} {key}")
+    out["packer"] = _pool_rates([r["packer"] for r in runs])
+    out["invocations"] = len(runs)
+    out["train"] = {}
+    for kind, first in runs[0].get("train", {}).items():
+        ts = [r["train"][kind] for r in runs]
+        pooled = dict(first)
+        pooled["repeats"], pooled["invocations"] = sum(t["repeats"] for t in ts), len(ts)
+        pooled["tokens_per_s"] = {arm: _pool_rates([t["tokens_per_s"][arm] for t in ts]) for arm in first["tokens_per_s"]}
+        pooled["ratios"] = {}
+        for name in first["ratios"]:
+            a, b = name.split("/")
+            pooled["ratios"][name] = _pool_ratio([t["tokens_per_s"][a] for t in ts], [t["tokens_per_s"][b] for t in ts],
+                                                 [t["ratios"][name]["per_round"] for t in ts])
+        pooled["same_batches_mtf_unpacked_hf"] = all(t["same_batches_mtf_unpacked_hf"] for t in ts)
+        out["train"][kind] = pooled
+    return out
+
+
+def pool_mixture(runs: list[dict]) -> dict:
+    rows = []
+    for i, first in enumerate(runs[0]["results"]):
+        rs = [r["results"][i] for r in runs]
+        row = dict(first)
+        for key in [k[:-len("_values")] for k in first if k.endswith("_values")]:
+            s = bb.spread([v for r in rs for v in r[f"{key}_values"]])
+            row[key], row[f"{key}_min"], row[f"{key}_max"], row[f"{key}_values"] = (s["median"], s["min"], s["max"],
+                                                                                     s["values"])
+        for key in ("tracemalloc_peak_mib", "max_rss_mib", "rss_anon_mib", "rss_file_mib"):
+            if key in first:
+                row[key] = max(r[key] for r in rs)
+        row["repeats"] = sum(r["repeats"] for r in rs)
+        rows.append(row)
+    return {**runs[0], "repeats": sum(r["repeats"] for r in runs), "invocations": len(runs), "results": rows}
+
+
+def pool_eval(runs: list[dict]) -> dict:
+    out = dict(runs[0])
+    for task, first in runs[0].items():
+        if not (isinstance(first, dict) and "ratio" in first):
+            continue
+        rs = [r[task] for r in runs]
+        naive = [r["naive_examples_per_s"] for r in rs]
+        fast = [r["encoder_once_examples_per_s"] for r in rs]
+        ratio = _pool_ratio(fast, naive, [r["ratio_per_round"] for r in rs])
+        out[task] = {**first, "repeats": sum(r["repeats"] for r in rs), "invocations": len(rs), "naive_examples_per_s": _pool_rates(naive),
+                     "encoder_once_examples_per_s": _pool_rates(fast), "ratio": ratio["ratio"],
+                     "ratio_min": ratio["min"], "ratio_max": ratio["max"], "ratio_per_round": ratio["per_round"],
+                     "max_abs_score_diff": max(r["max_abs_score_diff"] for r in rs)}
+    return out
+
+
+def pool_data_ranks(runs: list[dict]) -> dict:
+    raw = {key: [v for r in runs for v in r["raw_seconds_per_step"][key]] for key in runs[0]["raw_seconds_per_step"]}
+    for key in runs[0]["meta"]:
+        _same([r["meta"][key]["rows_built_per_step"] for r in runs], f"bench_data_ranks {key} rows built")
+    return {**runs[0], "repeats": sum(r["repeats"] for r in runs), "invocations": len(runs), "raw_seconds_per_step": raw,
+            "table": bench_data_ranks.tabulate(raw, runs[0]["ranks"], runs[0]["meta"])}
+
+
+def ratio_spreads(results: dict) -> dict[str, dict]:
+    """Every timed ratio of a (pooled) run: name -> ratio, min, max."""
+    out = {}
+    for kind, t in results["packing"].get("train", {}).items():
+        for name, r in t["ratios"].items():
+            out[f"training {kind} {name}"] = {"ratio": r["ratio"], "min": r["min"], "max": r["max"]}
+    for task, row in results["eval"].items():
+        if isinstance(row, dict) and "ratio" in row:
+            out[f"rank classification {task} encoder-once/naive"] = {"ratio": row["ratio"], "min": row["ratio_min"],
+                                                                    "max": row["ratio_max"]}
+    for row in results["data_ranks"]["table"][1:]:
+        for arm in ("lanes", "global"):
+            a = row[arm]
+            out[f"data {arm} at {row['ranks']} ranks vs 1"] = {"ratio": a["vs_1_rank"], "min": a["vs_1_rank_spread"][0],
+                                                              "max": a["vs_1_rank_spread"][1]}
+    return out
+
+
+def rerun_check(previous: dict, current: dict) -> tuple[str, int, int]:
+    """The Rerun check section: which of ``current``'s ratios fall inside ``previous``'s spreads."""
+    before, now = ratio_spreads(previous), ratio_spreads(current)
+    names = [n for n in before if n in now]
+    inside = [n for n in names if before[n]["min"] <= now[n]["ratio"] <= before[n]["max"]]
+    lines = [RERUN_BEGIN, "## Rerun check", "",
+             f"A second, independent `make bench` ({current['command']}, {current['date']}, commit "
+             f"{current['commit']}) against the figures below (commit {previous['commit']}): "
+             f"**{len(inside)} of {len(names)} ratios fell inside the spreads below.**", "",
+             "| ratio | here: ratio (spread) | second run | inside |", "|---|---|---|---|"]
+    for n in names:
+        b, c = before[n], now[n]
+        lines.append(f"| {n} | {b['ratio']:.2f}x ({b['min']:.2f}–{b['max']:.2f}) | {c['ratio']:.2f}x | "
+                     f"{'yes' if n in inside else '**no**'} |")
+    return "\n".join(lines + [RERUN_END]) + "\n", len(inside), len(names)
+
+
+def git_commit() -> str:
+    proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=False)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
+                           text=True, check=False).stdout.strip()
+    return (proc.stdout.strip() or "unknown") + ("+changes" if dirty else "")
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """Every benchmark ``args.invocations`` times, interleaved (all of them once, then again), pooled."""
+    quick = args.quick
+    plans = {
+        "packing": ("bench_packing.py", [*(["--examples", "1500", "--warmup-steps", "1", "--train-steps", "2",
+                                            "--rows-per-step", "1"] if quick else [])]),
+        "mixture": ("bench_mixture.py", ["--sizes", "100000", "1000000", "--samples", "50000"] if quick
+                    else ["--sizes", "100000", "1000000", "2000000", "--samples", "200000"]),
+        "eval": ("bench_eval.py", ["--num-examples", "16"] if quick else ["--num-examples", "192"]),
+        "data_ranks": ("bench_data_ranks.py", ["--steps", "3", "--min-seconds", "0.2"] if quick else []),
+    }
+    runs: dict[str, list[dict]] = {name: [] for name in plans}
+    for i in range(args.invocations):
+        for name, (script, extra) in plans.items():
+            print(f"[write_benchmarks] {name}: invocation {i + 1} of {args.invocations}", file=sys.stderr, flush=True)
+            runs[name].append(run(script, *extra, "--repeats", str(args.repeats)))
+    return {"packing": pool_packing(runs["packing"]), "mixture": pool_mixture(runs["mixture"]),
+            "eval": pool_eval(runs["eval"]), "data_ranks": pool_data_ranks(runs["data_ranks"]),
+            "invocations": args.invocations, "repeats_per_invocation": args.repeats}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(REPO / "BENCHMARKS.md"))
+    parser.add_argument("--invocations", type=int, default=2, help="independent processes per benchmark, pooled")
+    parser.add_argument("--repeats", type=int, default=bb.MIN_REPEATS,
+                        help=f"alternating rounds per invocation (>= {bb.MIN_REPEATS})")
+    parser.add_argument("--json-out", default=str(REPO / "runs" / "bench" / "results.json"),
+                        help="where the pooled figures go as JSON (what --check-against reads)")
+    parser.add_argument("--check-against", default=None, metavar="RESULTS_JSON",
+                        help="measure again and write only the Rerun check section: which ratios fall inside the "
+                             "spreads of that earlier run (its --json-out)")
     parser.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run, not for publishing)")
     args = parser.parse_args()
+    if args.invocations < 1 or args.repeats < bb.MIN_REPEATS:
+        parser.error(f"--invocations must be >= 1 and --repeats >= {bb.MIN_REPEATS}")
+    previous = None
+    if args.check_against:
+        path = Path(args.check_against)
+        if not path.is_file():
+            parser.error(f"--check-against {path}: no such file; it is the --json-out of an earlier "
+                         "`python scripts/write_benchmarks.py` (make bench writes runs/bench/results.json)")
+        previous = json.loads(path.read_text(encoding="utf-8"))
     import torch
 
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, " + (
         torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU")
-    packing = run("bench_packing.py", *(["--examples", "1500", "--warmup-steps", "1", "--train-steps", "2",
-                                         "--rows-per-step", "1", "--repeats", "3"] if args.quick else []))
-    mixture = run("bench_mixture.py", *(["--sizes", "100000", "1000000", "--samples", "50000"] if args.quick
-                                        else ["--sizes", "100000", "1000000", "2000000", "--samples", "200000"]))
-    evaluation = run("bench_eval.py", *(["--num-examples", "16", "--repeats", "3"] if args.quick
-                                        else ["--num-examples", "192", "--repeats", "5"]))
+    command = "python scripts/write_benchmarks.py " + " ".join(sys.argv[1:])
+    results = {**measure(args), "machine": machine, "date": datetime.date.today().isoformat(),
+               "commit": git_commit(), "command": command.strip()}
+    json_out = Path(args.json_out)
+    if previous is not None and json_out.resolve() == Path(args.check_against).resolve():
+        json_out = json_out.with_name(json_out.stem + ".check.json")
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(json.dumps(results, indent=1), encoding="utf-8")
+    out = Path(args.out)
+    if previous is not None:
+        section, inside, total = rerun_check(previous, results)
+        benchmarks_md.write_section(out, section, RERUN_BEGIN, RERUN_END)
+        print(section)
+        print(f"{inside} of {total} ratios inside the earlier run's spreads; wrote {out} and {json_out}")
+        return
 
+    packing, mixture, evaluation = results["packing"], results["mixture"], results["eval"]
+    pooled = (f"{args.invocations} independent processes per benchmark, {args.repeats} rounds each, pooled"
+              if args.invocations > 1 else f"{args.repeats} rounds")
     lines = [
         "# Benchmarks",
         "",
-        f"Measured {datetime.date.today().isoformat()} on {machine} by `python scripts/write_benchmarks.py"
-        f"{' --quick' if args.quick else ''}` (`make bench`). Ratios compare against a baseline measured in the",
-        "same run, the arms alternating (order reversed every round) over at least 3 rounds, warm-up excluded:",
-        "rates are median (min–max) over the rounds, a ratio is the ratio of the medians with the min–max of the",
-        "per-round ratios as its spread. Absolute rates depend on the machine and its load. Tests never assert speed.",
+        f"Measured {results['date']} on {machine}, commit {results['commit']}, by `{results['command']}` (`make bench`).",
+        "Ratios compare against a baseline measured in the same run, the arms alternating (order reversed every round),",
+        f"warm-up excluded: {pooled}. Rates are median (min–max) over the rounds; a ratio is the ratio of the",
+        "medians with the min–max of the per-round ratios as its spread. Absolute rates depend on the machine and its",
+        "load. Tests never assert speed.",
+        "",
+        RERUN_BEGIN,
+        "## Rerun check",
+        "",
+        "Not yet checked against a second run: `make bench-check` measures everything again and writes here which",
+        "ratios fall inside these spreads.",
+        RERUN_END,
         "",
         *packing_lines(packing),
         "",
@@ -190,16 +399,17 @@ def main() -> None:
         *eval_lines(evaluation),
     ]
     # Sections written by other scripts (learning_check.py, merge_check.py, bench_eval_e2e.py,
-    # bench_data_ranks.py) are kept as they are: they come from long runs that `make bench` does not repeat.
-    out = Path(args.out)
+    # bench_loss_memory.py, bench_gpu.py) are kept as they are: they come from long runs that `make bench`
+    # does not repeat.
     kept = ""
-    if out.is_file():
-        old = out.read_text(encoding="utf-8")
-        for begin, end in KEPT_SECTIONS:
-            if begin in old and end in old:
-                kept += "\n" + begin + old.split(begin, 1)[1].split(end, 1)[0] + end + "\n"
+    for begin, end in KEPT_SECTIONS:
+        section = benchmarks_md.read_section(out, begin, end)
+        if section is not None:
+            kept += "\n" + section + "\n"
     out.write_text("\n".join(lines) + "\n" + kept, encoding="utf-8")
-    print(f"wrote {args.out}")
+    benchmarks_md.write_section(out, bench_data_ranks.render(results["data_ranks"]), bench_data_ranks.BEGIN,
+                                bench_data_ranks.END)
+    print(f"wrote {args.out} and {json_out}")
 
 
 if __name__ == "__main__":
