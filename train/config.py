@@ -77,6 +77,7 @@ class DataConfig:
     pad_to: PadTo = "auto"
     pack_window: int = 64  # open rows the streaming best-fit packer keeps, per lane (bounded memory)
     lanes: Union[int, Literal["auto"]] = "auto"  # independent (stream, packer) lanes of the global batch; ranks build whole lanes (train/data/lanes.py)
+    prefetch_steps: int = 2  # steps of data built ahead in a background thread (train/data/prefetch.py); 0 = inside the step
     overlong: OverlongPolicy = "truncate_left"
     max_examples_per_task: Optional[int] = None  # cap rows loaded per task (quick runs)
     data_root: Optional[str] = None  # root that relative data paths of the mixture resolve against
@@ -139,6 +140,7 @@ class TrainerConfig:
     loss_weights: LossWeightsConfig = field(default_factory=LossWeightsConfig)  # lm / unlikelihood / rank_classification
     loss_chunk_tokens: Optional[int] = None  # output layer + loss over this many label positions at a time (peak memory O(chunk x vocab)); None = all at once
     deepspeed: Optional[str] = None  # path to a DeepSpeed JSON (configs/deepspeed/*.json)
+    compile: bool = False  # torch.compile the model's forward (and so its backward); pair with data.pad_to=capacity
     seed: int = 42
     resume: str = "auto"  # "auto" (newest complete checkpoint, if any) | a checkpoint path | "none"
     resume_fallback: bool = False  # "auto": if the newest checkpoint is damaged, resume from the newest good one
@@ -469,6 +471,9 @@ def problems(cfg: Config) -> list[str]:
         out.append(f"{file}: `optim.betas` is {cfg.optim.betas}; it must be two values in [0, 1), e.g. [0.9, 0.999].")
     if cfg.schedule.warmup_steps > t.max_steps:
         out.append(f"{file}: `schedule.warmup_steps` is {cfg.schedule.warmup_steps}; it must be between 0 and trainer.max_steps ({t.max_steps}).")
+    if t.compile and t.deepspeed:
+        out.append(f"{file}: `trainer.compile=true` with `trainer.deepspeed` is not supported here (DeepSpeed wraps "
+                   "the model in its engine, which compiles through its own `compile` config); set one of them.")
     if e.best_metric and not e.mixture:
         out.append(f"{file}: `eval.best_metric` needs `eval.mixture`.")
     if t.resume not in ("auto", "none") and not Path(t.resume).exists():
@@ -496,7 +501,8 @@ def problems(cfg: Config) -> list[str]:
 # tests/test_config.py fails when a numeric key is missing here, so a new one gets a bound on purpose.
 MINIMUMS: dict[str, tuple[float, bool]] = {
     "data.max_input_tokens": (1, True), "data.max_target_tokens": (1, True), "data.max_tokens": (1, True),
-    "data.pack_window": (1, True), "data.lanes": (1, True), "data.max_examples_per_task": (1, True), "data.num_proc": (1, True),
+    "data.pack_window": (1, True), "data.lanes": (1, True), "data.prefetch_steps": (0, True),
+    "data.max_examples_per_task": (1, True), "data.num_proc": (1, True),
     "optim.lr": (0, False), "optim.weight_decay": (0, True), "optim.eps": (0, False),
     "optim.clip_grad_norm": (0, False), "schedule.warmup_steps": (0, True),
     "trainer.max_steps": (1, True), "trainer.global_batch_size": (1, True), "trainer.global_batch_tokens": (1, True),

@@ -187,6 +187,8 @@ RESUME_MAY_CHANGE = (
     "trainer.grad_accum", "trainer.cpu", "trainer.nan_guard", "model.gradient_checkpointing", "data.num_proc",
     "data.cache_dir", "data.data_root", "data.pad_to",  # pad_to changes tensor widths, not the rows or the losses
     "trainer.loss_chunk_tokens",  # how the loss is computed in memory, not what it is
+    "trainer.compile",  # how the forward runs, not what it computes (within float rounding)
+    "data.prefetch_steps",  # when the rows are built, not which (a checkpoint holds the last trained step's data state)
 )
 
 

@@ -11,6 +11,11 @@ global loss denominators (all-reduced before the backward passes) neither does t
 all-reduce carries the step's data counts (tokens, examples per task, packing), so the logs describe the
 global batch. Resuming restores every lane's stream and packer ``state_dict`` (a checkpoint gathers all
 lanes, so a resume may use another rank count): nothing is replayed or skipped.
+
+The data is off the critical path: a background thread (:mod:`train.data.prefetch`) builds, collates and
+counts the next ``data.prefetch_steps`` steps while the model trains, in step order, so the rows do not
+depend on the depth; a checkpoint holds the lanes' state after the last step the loop trained, never the
+thread's. Each step logs how long it waited for its data (``time/data_wait_s``).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from typing import Any, Optional
 
 from train.config import Config, save_config, to_dict
 from train.data import pipeline
+from train.data.prefetch import PreparedStep, StepFeed
 from train.errors import CheckpointError, ConfigError, TrainingError
 from train.loop import checkpointing
 from train.loop.rundir import RunLock, RunRecord, check_run_dir
@@ -195,10 +201,15 @@ def train(cfg: Config) -> dict:
         ctx = TrainContext(cfg=cfg, accelerator=accelerator, model=model, tokenizer=run.tokenizer, kind=kind)
         ctx.flops_per_token = 6.0 * total  # frozen weights still cost their forward and input-gradient FLOPs
         resume(cfg, ctx, data, run.output_dir)
-        ctx.trainer_state = lambda: trainer_state(cfg, ctx, data)
+        tasks = sorted({s.task for s in data.sources})  # the order of the per-task counts every rank sums
+        # From here on only the feed touches the lanes: it builds the next data.prefetch_steps steps ahead, and
+        # a checkpoint holds the lanes' state after the last step the loop consumed (train/data/prefetch.py).
+        feed = StepFeed(lambda n: prepare_step(cfg, run, data, n, tasks, announce=n == ctx.step + 1),
+                        initial_state=data.state_dict(), first_step=ctx.step + 1, last_step=cfg.trainer.max_steps,
+                        depth=cfg.data.prefetch_steps)
+        ctx.trainer_state = lambda: trainer_state(cfg, ctx, feed)
         ctx.export = lambda out: export(cfg, run, model, Path(out))
         run.record = start_record(cfg, run, ctx, data)
-        tasks = sorted({s.task for s in data.sources})  # the order of the per-task counts every rank sums
 
         preemption = PreemptionHook(ctx)
         logging_hook, eval_hook = LoggingHook(ctx), EvalHook(ctx, eval_set)
@@ -213,54 +224,62 @@ def train(cfg: Config) -> dict:
         weights = losses.active_weights(cfg.trainer.loss_weights)  # {"lm": 1.0} unless T-Few's losses are on
 
         # ---- the loop
-        start_step, start_tokens = ctx.step, ctx.tokens_seen
+        start_tokens = ctx.tokens_seen
         loop_start = time.perf_counter()
         model.train()
-        while ctx.step < cfg.trainer.max_steps and ctx.stop_reason is None:
-            step_start = time.perf_counter()
-            rows = data.next_rows()  # (rows_per_rank,) this rank's slice of the step's global rows
-            announce = ctx.step + 1 if ctx.step == start_step else None  # the first step prints each rank's rows
-            micro_batches = rank_micro_batches(cfg, run, rows, announce_step=announce)
-            counts = pipeline.step_counts(rows, data.stats, kind, cfg, micro_batch_rows=plan.micro_batch_size, tasks=tasks)
-            denominators, counts = global_step_sums(micro_batches, counts, mode, weights, plan, accelerator)
-            ctx.lr = set_lr(optimizer, cfg.optim.lr * lr_at(ctx.step))
-            numerator_sums = torch.zeros(len(weights), device=accelerator.device)  # (losses,) in weights' order
-            # accelerate syncs and steps when its micro-batch counter hits a multiple of grad_accum. A step
-            # always runs exactly grad_accum micro-batches, so start each one at 0: a counter restored from a
-            # checkpoint written with another accumulation (another rank count) would otherwise step mid-batch.
-            accelerator.step = 0
-            grad_norm = None
-            for batch in micro_batches:
-                batch = {k: v.to(accelerator.device) if hasattr(v, "to") else v for k, v in batch.items()}
-                with accelerator.accumulate(model):
-                    with accelerator.autocast():  # trainer.loss_chunk_tokens: the loss applies the output layer
-                        logits = (model_forward(model, batch, kind) if cfg.trainer.loss_chunk_tokens is None
-                                  else head_inputs(model, batch, kind, chunk_tokens=cfg.trainer.loss_chunk_tokens))
-                    numerators = losses.local_numerators(logits, batch, mode, weights)
-                    # accelerate (and DeepSpeed) divide by grad_accum and DDP averages over ranks: undo both,
-                    # so the summed gradient is exactly d(sum_k weight_k * global numerator_k / global denominator_k).
-                    loss = losses.weighted_loss(numerators, denominators, weights, mode=mode, world_size=plan.world_size)
-                    accelerator.backward(loss * plan.grad_accum)
-                    numerator_sums += torch.stack([n.detach() for n in numerators.values()])
-                    if accelerator.sync_gradients and cfg.optim.clip_grad_norm and not cfg.trainer.deepspeed:
-                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-            if cfg.trainer.deepspeed and hasattr(model, "get_global_grad_norm"):
-                grad_norm = model.get_global_grad_norm()  # DeepSpeed clips inside its step and keeps the norm
-            step_sums = accelerator.reduce(numerator_sums, reduction="sum") if plan.world_size > 1 else numerator_sums
-            components = losses.step_losses(dict(zip(weights, step_sums.tolist())), denominators, mode)
-            ctx.last_loss = sum(weights[k] * v for k, v in components.items() if v is not None)  # the weighted total
-            if cfg.trainer.nan_guard and not math.isfinite(ctx.last_loss):
-                logging_hook.log({"train/loss_last": ctx.last_loss}, ctx.step + 1)
-                raise TrainingError(
-                    f"non-finite loss ({ctx.last_loss}) at step {ctx.step + 1}; stopped without saving this step. "
-                    f"The last good checkpoint under {checkpointing.checkpoint_dir(run.output_dir)} is intact. "
-                    "Lower `optim.lr`, use `trainer.precision=bf16` or fp32 (not fp16 for T5), or check the data.")
-            record_step(cfg, ctx, counts, tasks, grad_norm, time.perf_counter() - step_start, components)
-            preemption.check(ctx)
-            for hook in step_hooks:
-                hook.on_step_end(ctx)
+        try:
+            while ctx.step < cfg.trainer.max_steps and ctx.stop_reason is None:
+                step_start = time.perf_counter()
+                prepared, data_wait = feed.next()  # this rank's rows of the step, collated, and their counts
+                micro_batches = prepared.micro_batches
+                denominators, counts = global_step_sums(micro_batches, prepared.counts, mode, weights, plan,
+                                                        accelerator)
+                ctx.lr = set_lr(optimizer, cfg.optim.lr * lr_at(ctx.step))
+                numerator_sums = torch.zeros(len(weights), device=accelerator.device)  # (losses,) in weights' order
+                # accelerate syncs and steps when its micro-batch counter hits a multiple of grad_accum. A step
+                # always runs exactly grad_accum micro-batches, so start each one at 0: a counter restored from a
+                # checkpoint written with another accumulation (another rank count) would otherwise step mid-batch.
+                accelerator.step = 0
+                grad_norm = None
+                for batch in micro_batches:
+                    batch = {k: v.to(accelerator.device, non_blocking=True) if hasattr(v, "to") else v
+                             for k, v in batch.items()}  # pinned by the feed when the device is a GPU
+                    with accelerator.accumulate(model):
+                        with accelerator.autocast():  # trainer.loss_chunk_tokens: the loss applies the output layer
+                            logits = (model_forward(model, batch, kind) if cfg.trainer.loss_chunk_tokens is None
+                                      else head_inputs(model, batch, kind, chunk_tokens=cfg.trainer.loss_chunk_tokens))
+                        numerators = losses.local_numerators(logits, batch, mode, weights)
+                        # accelerate (and DeepSpeed) divide by grad_accum and DDP averages over ranks: undo both,
+                        # so the summed gradient is exactly
+                        # d(sum_k weight_k * global numerator_k / global denominator_k).
+                        loss = losses.weighted_loss(numerators, denominators, weights, mode=mode,
+                                                    world_size=plan.world_size)
+                        accelerator.backward(loss * plan.grad_accum)
+                        numerator_sums += torch.stack([n.detach() for n in numerators.values()])
+                        if accelerator.sync_gradients and cfg.optim.clip_grad_norm and not cfg.trainer.deepspeed:
+                            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm)
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                if cfg.trainer.deepspeed and hasattr(model, "get_global_grad_norm"):
+                    grad_norm = model.get_global_grad_norm()  # DeepSpeed clips inside its step and keeps the norm
+                step_sums = (accelerator.reduce(numerator_sums, reduction="sum") if plan.world_size > 1
+                             else numerator_sums)
+                components = losses.step_losses(dict(zip(weights, step_sums.tolist())), denominators, mode)
+                # the weighted total
+                ctx.last_loss = sum(weights[k] * v for k, v in components.items() if v is not None)
+                if cfg.trainer.nan_guard and not math.isfinite(ctx.last_loss):
+                    logging_hook.log({"train/loss_last": ctx.last_loss}, ctx.step + 1)
+                    raise TrainingError(
+                        f"non-finite loss ({ctx.last_loss}) at step {ctx.step + 1}; stopped without saving this step. "
+                        f"The last good checkpoint under {checkpointing.checkpoint_dir(run.output_dir)} is intact. "
+                        "Lower `optim.lr`, use `trainer.precision=bf16` or fp32 (not fp16 for T5), or check the data.")
+                record_step(cfg, ctx, counts, tasks, grad_norm, time.perf_counter() - step_start, components,
+                            data_wait=data_wait)
+                preemption.check(ctx)
+                for hook in step_hooks:
+                    hook.on_step_end(ctx)
+        finally:  # a raised step (bad data, a non-finite loss, a signal) stops the thread too
+            feed.close()
 
         loop_seconds = time.perf_counter() - loop_start
         end_start = time.perf_counter()
@@ -274,9 +293,11 @@ def train(cfg: Config) -> dict:
                    "train_loop_seconds": loop_seconds, "final_eval_and_save_seconds": time.perf_counter() - end_start,
                    "tokens_per_second": (ctx.tokens_seen - start_tokens) / max(loop_seconds, 1e-9),
                    "packing": ctx.packing, "packing_stats": ctx.packing_stats,
-                   "examples_with_choices": ctx.examples_with_choices}
+                   "examples_with_choices": ctx.examples_with_choices, "data_wait_seconds": feed.wait_seconds,
+                   "prefetch_steps": feed.depth}
         run.record.write(status=ctx.stop_reason or "completed", steps=ctx.step, stop_reason=ctx.stop_reason,
                          final_loss=ctx.last_loss, train_loop_seconds=loop_seconds,
+                         data_wait_seconds=feed.wait_seconds, prefetch_steps=feed.depth,
                          tokens_per_second=summary["tokens_per_second"], checkpoint_seconds=ctx.checkpoint_seconds,
                          exported=cfg.checkpoint.export_final and ctx.stop_reason is None)
         accelerator.wait_for_everyone()
@@ -371,9 +392,24 @@ def prepare_model(cfg: Config, run: RunSetup) -> tuple[Any, Any, tuple[int, int]
     counts = adapters.parameter_counts(model)
     optimizer = build_optimizer(cfg, model)
     model, optimizer = run.accelerator.prepare(model, optimizer)
+    if cfg.trainer.compile:
+        compile_forward(run.accelerator.unwrap_model(model))
     if cfg.peft.method != "none":
         adapter_checkpoint_hooks(run.accelerator, adapters.trainable_names(run.accelerator.unwrap_model(model)))
     return model, optimizer, counts
+
+
+def compile_forward(model: Any) -> None:
+    """``trainer.compile``: replace ``model.forward`` (the module inside any DDP wrapper) by its ``torch.compile``.
+
+    The instance attribute keeps the module itself, so its ``state_dict`` keys, checkpoints and exports are
+    unchanged (``torch.compile(model)`` would wrap it and prefix every key with ``_orig_mod.``), and DDP's
+    hooks still run around the compiled forward. Shapes are static with ``data.pad_to=capacity``; with
+    ``longest`` each new width compiles once more, after which dynamo marks the width dynamic.
+    """
+    import torch
+
+    model.forward = torch.compile(model.forward)
 
 
 @contextmanager
@@ -517,6 +553,21 @@ def trainer_state(cfg: Config, ctx: TrainContext, data: Any) -> dict:
             "config": to_dict(cfg)}
 
 
+def prepare_step(cfg: Config, run: RunSetup, data: Any, step: int, tasks: list[str], *, announce: bool) -> PreparedStep:
+    """This rank's data of ``step``: its lanes' next rows, collated (and pinned for a GPU), their counts, and the
+    lanes' state after them (the feed calls this in step order, ahead of the loop when prefetching)."""
+    import torch
+
+    rows = data.next_rows()  # (rows_per_rank,) this rank's slice of the step's global rows
+    micro_batches = rank_micro_batches(cfg, run, rows, announce_step=step if announce else None)
+    if run.accelerator.device.type == "cuda":  # page-locked host memory: the copy to the GPU runs asynchronously
+        micro_batches = [{k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in mb.items()}
+                         for mb in micro_batches]
+    counts = pipeline.step_counts(rows, data.stats, run.info.kind, cfg, micro_batch_rows=run.plan.micro_batch_size,
+                                  tasks=tasks)
+    return PreparedStep(step=step, micro_batches=micro_batches, counts=counts, data_state=data.state_dict())
+
+
 def rank_micro_batches(cfg: Config, run: RunSetup, rows: list[dict], announce_step: Optional[int] = None) -> list[dict]:
     """This rank's rows of the step (its contiguous slice of the global rows), collated into micro-batches.
 
@@ -570,7 +621,7 @@ def set_lr(optimizer: Any, lr: float) -> float:
 
 
 def record_step(cfg: Config, ctx: TrainContext, counts: dict[str, float], tasks: list[str], grad_norm: Any,
-                seconds: float, components: Optional[dict] = None) -> None:
+                seconds: float, components: Optional[dict] = None, data_wait: float = 0.0) -> None:
     """Advance the step and the counters the hooks read (tokens, examples, task counts, packing figures),
     from the step's data ``counts`` summed over ranks (:func:`global_step_sums`).
 
@@ -589,7 +640,8 @@ def record_step(cfg: Config, ctx: TrainContext, counts: dict[str, float], tasks:
     ctx.packing_stats = {k[len("packer/"):]: int(v) for k, v in counts.items() if k.startswith("packer/")}
     ctx.packing = efficiency_of(ctx.packing_stats, ctx.kind, max_input_tokens=cfg.data.max_input_tokens,
                                 max_target_tokens=cfg.data.max_target_tokens, max_tokens=cfg.data.max_tokens)
-    ctx.step_metrics = {"tokens": step_tokens, "step_seconds": seconds, **pipeline.packing_metrics(counts, ctx.kind, cfg)}
+    ctx.step_metrics = {"tokens": step_tokens, "step_seconds": seconds, "time/step_s": seconds,
+                        "time/data_wait_s": data_wait, **pipeline.packing_metrics(counts, ctx.kind, cfg)}
     if cfg.trainer.loss_weights.choice_losses():
         ctx.examples_with_choices += int(counts["choice_sets"])
         ctx.step_metrics["examples_with_choices"] = ctx.examples_with_choices
