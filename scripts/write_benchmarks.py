@@ -343,7 +343,12 @@ def main() -> None:
                         help="measure again and write only the Rerun check section: which ratios fall inside the "
                              "spreads of that earlier run (its --json-out)")
     parser.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run, not for publishing)")
+    parser.add_argument("--pin-cpu", type=int, default=None, metavar="CPU",
+                        help="run every benchmark process on this one CPU core (Linux), so other work on the machine "
+                             "can be kept on the other cores; every arm is single-threaded, data prefetch included")
     args = parser.parse_args()
+    if args.pin_cpu is not None:
+        os.sched_setaffinity(0, {args.pin_cpu})  # inherited by every benchmark process started below
     if args.invocations < 1 or args.repeats < bb.MIN_REPEATS:
         parser.error(f"--invocations must be >= 1 and --repeats >= {bb.MIN_REPEATS}")
     previous = None
