@@ -14,8 +14,12 @@ Arms (per model):
 
 * ``packed_sdpa``: packed rows (``data.packing=true``, ``pad_to=capacity``), ``attn_implementation="sdpa"``
   with the 4-D additive segment masks that :func:`train.modeling.features.model_forward` builds (today's path).
-* ``packed_flash_or_flex``: only if ``model_forward`` can feed FlashAttention-2 or flex_attention; in this
-  build it cannot (it always passes a 4-D float mask), so the arm is reported as not available, with why.
+* ``packed_flex``: the same packed rows with ``attn_implementation="flex_attention"``: a BlockMask of the same
+  segment rule (:func:`train.modeling.features.segment_block_mask`), empty 128x128 tiles skipped.
+* ``packed_flash``: decoder only, ``attn_implementation="flash_attention_2"``: no mask, one varlen sequence per
+  packed example (:func:`train.modeling.features.varlen_sequences`); needs the ``flash_attn`` package.
+  An arm this machine cannot run (no CUDA, no ``flash_attn``) is reported as not available, with the
+  trainer's own start-up error as the reason.
 * ``padded``: one example per row, each micro-batch padded to its longest example (``data.packing=false``,
   ``pad_to=longest``), through the same collate / model_forward / loss. Every optimizer step has as many
   examples as a packed step has on average (the convention of scripts/bench_packing.py), split into the
@@ -205,13 +209,14 @@ def peak_for(device_name: str | None) -> float | None:
 # ----------------------------------------------------------------------------------------- data
 
 
-def run_config(kind: str, model_json: Path, caps: dict, cache_dir: str, *, bf16: bool, seed: int):
+def run_config(kind: str, model_json: Path, caps: dict, cache_dir: str, *, bf16: bool, seed: int,
+               attention: str = "sdpa"):
     """The ``mtf train`` config of one arm: the demo's data and optimizer with this model and these capacities."""
     from train.config import load_config
 
     return load_config(DEMO, [
         f"model.config={model_json}", f"model.tokenizer={TOKENIZER}", f"data.train_mixture={MIXTURE}",
-        f"data.cache_dir={cache_dir}", "eval.mixture=null", "model.attn_implementation=sdpa",
+        f"data.cache_dir={cache_dir}", "eval.mixture=null", f"model.attn_implementation={attention}",
         *(f"data.{key}={value}" for key, value in caps.items()),
         f"trainer.precision={'bf16' if bf16 else 'fp32'}", f"trainer.seed={seed}", "optim.name=adamw",
         "optim.clip_grad_norm=1.0", "logging.wandb.mode=disabled"])
@@ -324,17 +329,23 @@ def make_steps(stream, kind: str, caps: dict, info, *, rows: int, steps: int, wi
 # ----------------------------------------------------------------------------------------- one arm
 
 
-def flash_or_flex_unavailable() -> str:
-    """Why the FlashAttention / flex arm cannot run through this build's ``model_forward``."""
+# arm -> model.attn_implementation; the packed arms share the rows, only the attention differs
+PACKED_ARMS = {"packed_sdpa": "sdpa", "packed_flex": "flex_attention", "packed_flash": "flash_attention_2"}
+
+
+def backend_config(kind: str, model_json: Path, caps: dict, cache_dir: str, model_config, *, bf16: bool, seed: int,
+                   attention: str):
+    """(the arm's config, None), or (None, why this machine cannot train that attention: the trainer's own
+    start-up error, from the config's checks or :func:`train.modeling.models.check_attn_implementation`)."""
+    from train.errors import ConfigError
+    from train.modeling.models import check_attn_implementation
+
     try:
-        import flash_attn  # noqa: F401
-        flash = "flash_attn is installed"
-    except ImportError:
-        flash = "flash_attn is not installed"
-    return ("not available in this build: train.modeling.features.model_forward always passes a 4-D additive float "
-            "segment mask (model.attn_implementation is documented as sdpa or eager); flash_attention_2 would need "
-            "the varlen path (position_ids / cu_seqlens, no 4-D mask) and flex_attention a BlockMask built from the "
-            f"segment ids, and neither is wired ({flash})")
+        cfg = run_config(kind, model_json, caps, cache_dir, bf16=bf16, seed=seed, attention=attention)
+        check_attn_implementation(cfg.model, model_config, kind, training=True)
+    except ConfigError as err:
+        return None, str(err)
+    return cfg, None
 
 
 def time_arm(cfg, model_config, kind: str, steps: list[Step], *, warmup: int, max_seconds: float, device,
@@ -455,13 +466,18 @@ def measure(args) -> dict:
             print(f"[bench_gpu] {kind}: data ready in {time.perf_counter() - t0:.1f} s "
                   f"({data['examples_per_packed_row']:.1f} examples per packed row)", file=sys.stderr, flush=True)
             arms: dict = {}
-            for arm in ("packed_sdpa", "packed_flash_or_flex", "padded"):
-                if arm == "packed_flash_or_flex":
-                    arms[arm] = {"available": False, "reason": flash_or_flex_unavailable()}
-                    continue
+            for arm in (*[a for a in PACKED_ARMS if kind == "decoder" or a != "packed_flash"], "padded"):
+                arm_cfg = cfg
+                if arm in PACKED_ARMS and PACKED_ARMS[arm] != "sdpa":
+                    arm_cfg, why = backend_config(kind, model_json, caps, str(Path(work) / "cache"), model_config,
+                                                  bf16=bf16, seed=args.seed, attention=PACKED_ARMS[arm])
+                    if why:
+                        arms[arm] = {"available": False, "reason": why}
+                        print(f"[bench_gpu] {kind} {arm}: not available: {why}", file=sys.stderr, flush=True)
+                        continue
                 t0 = time.perf_counter()
                 arms[arm] = {"available": True, **time_arm(
-                    cfg, model_config, kind, data["packed" if arm == "packed_sdpa" else "padded"],
+                    arm_cfg, model_config, kind, data["padded" if arm == "padded" else "packed"],
                     warmup=args.warmup_steps, max_seconds=args.max_seconds, device=device, bf16=bf16, peak=peak)}
                 a = arms[arm]
                 print(f"[bench_gpu] {kind} {arm}: {a['tokens_per_second']:,.0f} real tokens/s, "
@@ -502,7 +518,7 @@ def render(results: dict) -> str:
         label = f"{kind} {m['parameters_matmul'] / 1e6:,.0f}M @ {caps}"
         for arm, a in m["arms"].items():
             if not a["available"]:
-                lines.append(f"| {label} | {arm} | - | - | - | - | - | - | {a['reason'].split(':')[0]} |")
+                lines.append(f"| {label} | {arm} | not available here (below) | - | - | - | - | - | - |")
                 continue
             used = a["real_tokens_per_step"] / a["token_slots_per_step"]
             mem = "n/a" if a["max_memory_gib"] is None else f"{a['max_memory_gib']:.1f}"
@@ -519,9 +535,10 @@ def render(results: dict) -> str:
                      f"packed MFU {percent(got)} (target >= {100 * target:.0f}%: {verdict}); "
                      f"{m['examples_per_packed_row']:.1f} examples per packed row; padded arm: "
                      f"{m['examples_per_padded_step']} examples per step in {m['padded_micro_batches']} micro-batch(es).")
-    flash = next((a["reason"] for m in results["models"].values() for a in m["arms"].values() if not a["available"]), None)
-    if flash:
-        lines.append(f"- packed_flash_or_flex: {flash}.")
+    for kind, m in results["models"].items():
+        for arm, a in m["arms"].items():
+            if not a["available"]:
+                lines.append(f"- {kind} {arm} not run: {a['reason']}")
     lines.append(END)
     return "\n".join(lines) + "\n"
 

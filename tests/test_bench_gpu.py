@@ -93,9 +93,11 @@ def test_smoke_run_json(tmp_path):
     assert set(result["models"]) == {"decoder", "encdec"}
     for kind, model in result["models"].items():
         arms = model["arms"]
-        assert set(arms) == {"packed_sdpa", "packed_flash_or_flex", "padded"}
-        assert arms["packed_flash_or_flex"]["available"] is False
-        assert arms["packed_flash_or_flex"]["reason"].startswith("not available in this build")
+        backends = {"packed_flex", "packed_flash"} if kind == "decoder" else {"packed_flex"}
+        assert set(arms) == {"packed_sdpa", "padded", *backends}
+        for name in backends:  # no CUDA (and fp32) here: the trainer's own start-up error says why
+            assert arms[name]["available"] is False
+            assert "model.attn_implementation" in arms[name]["reason"]
         for name in ("packed_sdpa", "padded"):
             arm = arms[name]
             assert arm["tokens_per_second"] > 0 and arm["timed_steps"] >= 1

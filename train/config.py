@@ -35,6 +35,9 @@ Precision = Literal["fp32", "bf16", "fp16"]
 LossNormalization = Literal["token_mean", "sequence_mean", "target_mean", "sum"]
 OverlongPolicy = Literal["truncate_left", "truncate_right", "truncate_target", "drop"]
 PadTo = Literal["auto", "longest", "capacity"]
+# sdpa/eager: 4-D float masks; flex_attention: BlockMasks (CUDA to train); flash_attention_2: varlen, decoders, CUDA
+AttnImplementation = Literal["sdpa", "eager", "flex_attention", "flash_attention_2"]
+ATTN_IMPLEMENTATIONS = typing.get_args(AttnImplementation)
 
 
 @dataclass
@@ -49,7 +52,7 @@ class ModelConfig:
     config: Optional[str] = None  # a model config JSON (configs/models/*.json): random initialisation
     kind: ModelKind = "auto"  # inferred from the model config when "auto"
     tokenizer: Optional[str] = None  # hub name, local directory, or "byt5" (needs no files)
-    attn_implementation: str = "sdpa"
+    attn_implementation: AttnImplementation = "sdpa"
     gradient_checkpointing: bool = False
 
 
@@ -494,6 +497,28 @@ def problems(cfg: Config) -> list[str]:
                    "directory with adapter_config.json, e.g. an adapter run's final/).")
     if m.name_or_path and m.name_or_path.startswith(("/", "./", "../")) and not Path(m.name_or_path).exists():
         out.append(f"{file}: `model.name_or_path` {m.name_or_path!r} is a local path that does not exist.")
+    out.extend(_attention_problems(cfg, file))
+    return out
+
+
+def _attention_problems(cfg: Config, file: str) -> list[str]:
+    """``model.attn_implementation`` against the rest of the run (against the model: check_attn_implementation)."""
+    out = []
+    attention, t = cfg.model.attn_implementation, cfg.trainer
+    if attention in ("flex_attention", "flash_attention_2") and t.cpu:
+        why = "has no backward pass on CPU" if attention == "flex_attention" else "runs on CUDA GPUs only"
+        out.append(f"{file}: `model.attn_implementation={attention}` with `trainer.cpu=true`: {attention} {why}. "
+                   "Use `model.attn_implementation=sdpa` on CPU.")
+    if attention == "flash_attention_2":
+        if t.precision == "fp32":
+            out.append(f"{file}: `model.attn_implementation=flash_attention_2` with `trainer.precision=fp32`: "
+                       "FlashAttention computes in bf16 or fp16 only. Set `trainer.precision=bf16`, or use "
+                       "`model.attn_implementation=sdpa`.")
+        if t.loss_weights.choice_losses():
+            out.append(f"{file}: `model.attn_implementation=flash_attention_2` with the unlikelihood / "
+                       "rank-classification losses: they pack answer choices, and each must see its input but not the "
+                       "target packed between them, which varlen FlashAttention cannot express. Set both of those "
+                       "`trainer.loss_weights` to 0, or use `model.attn_implementation=flex_attention` or `sdpa`.")
     return out
 
 

@@ -39,6 +39,15 @@ Padding QUERIES (segment 0) may attend to every key: no row of a mask is fully b
 appear even if a blocked score rounds to -inf (e.g. bf16), and their outputs carry no loss, so they
 change nothing. Padding KEYS are never attended by real tokens.
 
+How the rule reaches the attention depends on ``model.attn_implementation`` (:func:`attention_backend`):
+sdpa and eager take the additive masks above (:func:`segment_mask`); flex_attention takes the same rule as
+a BlockMask (:func:`segment_block_mask`; both evaluate one rule function, so they cannot disagree);
+flash_attention_2 takes no mask at all: a decoder gets FlashAttention varlen boundaries, one piece per
+segment and per run of padding (:func:`varlen_sequences`), plus the per-segment position ids. Varlen
+FlashAttention is causal within each piece and can express nothing else, so it refuses prefix-LM and
+answer choices (:func:`~train.modeling.models.varlen_limitation`); enc-dec models have no FlashAttention
+in transformers.
+
 Answer choices (rows packed with ``choices=True``, see :mod:`train.data.packing`): every token has a
 *branch* within its segment (0 input, 1 target = gold choice, 2.. wrong choices). Labels, and so the LM
 loss, cover branch 1 only. Masks add one rule, for both architectures: a query attends a key of its
@@ -73,6 +82,7 @@ from dataclasses import dataclass
 import torch
 
 from train.errors import ConfigError, DataError
+from train.modeling.models import varlen_limitation
 
 IGNORE_INDEX = -100
 
@@ -267,13 +277,58 @@ def _choice_gather(rows: Sequence[dict], kind: str, width: int) -> dict[str, tor
 
 # ---------------------------------------------------------------------------------------------- masks
 
+# How a packed batch reaches each ``model.attn_implementation`` (see :func:`attention_backend`):
+#   "mask"   sdpa, eager       a (batch, 1, q, k) additive float mask (:func:`segment_mask`)
+#   "flex"   flex_attention    a BlockMask of the same rule (:func:`segment_block_mask`)
+#   "varlen" flash_attention_2 no mask; sequence boundaries (:func:`varlen_sequences`), causal within each
+ATTENTION_BACKENDS = ("mask", "flex", "varlen")
 
-def _additive(allowed: torch.Tensor, query_seg: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(batch, q, k) bool -> (batch, 1, q, k) additive float; padding queries may attend everywhere."""
-    allowed = allowed | (query_seg == 0)[:, :, None]
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[:, None]
+
+def attention_backend(model: torch.nn.Module) -> str:
+    """Which of :data:`ATTENTION_BACKENDS` packed rows take for this (possibly wrapped) model's attention.
+
+    Read from the attention the model was built with (``config._attn_implementation``); enc-dec models built
+    for flex_attention run under a name that contains "flex_attention" (:mod:`train.modeling.models`).
+    """
+    implementation = getattr(_unwrap(model).config, "_attn_implementation", None) or "sdpa"
+    if "flex_attention" in implementation:
+        return "flex"
+    if implementation.startswith("flash_attention"):
+        return "varlen"
+    return "mask"
+
+
+def _segment_rule(
+    query_seg: torch.Tensor,
+    key_seg: torch.Tensor,
+    *,
+    causal: bool,
+    prefix: torch.Tensor | None = None,
+    query_branch: torch.Tensor | None = None,
+    key_branch: torch.Tensor | None = None,
+):
+    """The attention rule of the module docstring as ``allowed(b, q, k) -> bool`` (arguments as :func:`segment_mask`).
+
+    ``b``, ``q`` and ``k`` are index tensors that broadcast: :func:`segment_mask` passes a whole
+    (batch, q, k) grid, :func:`segment_block_mask` hands the rule to flex_attention as its ``mask_mod``,
+    which calls it with scalar indices. One rule, two encodings, so the two backends cannot disagree.
+    """
+    branches = query_branch is not None and key_branch is not None
+
+    def allowed(b: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        q_seg, k_seg = query_seg[b, q], key_seg[b, k]
+        ok = (q_seg == k_seg) & (k_seg > 0)
+        if branches:
+            k_branch = key_branch[b, k]
+            ok = ok & ((query_branch[b, q] == k_branch) | (k_branch == 0))
+        if causal:
+            order = k <= q
+            if prefix is not None:
+                order = order | ((prefix[b, q] > 0) & (prefix[b, k] > 0))
+            ok = ok & order
+        return ok | (q_seg == 0)  # padding queries attend everything: no row is fully blocked
+
+    return allowed
 
 
 def segment_mask(
@@ -286,7 +341,7 @@ def segment_mask(
     query_branch: torch.Tensor | None = None,
     key_branch: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Additive attention mask that keeps attention inside each segment.
+    """Additive attention mask that keeps attention inside each segment (sdpa and eager attention).
 
     Args:
         query_seg: (batch, q) segment ids of the queries, 0 = padding.
@@ -300,18 +355,75 @@ def segment_mask(
     Returns:
         (batch, 1, q, k) tensor of 0 (attend) and ``finfo(dtype).min`` (blocked).
     """
-    allowed = (query_seg[:, :, None] == key_seg[:, None, :]) & (key_seg[:, None, :] > 0)  # (batch, q, k)
-    if query_branch is not None and key_branch is not None:
-        key_b = key_branch[:, None, :]
-        allowed = allowed & ((query_branch[:, :, None] == key_b) | (key_b == 0))  # (batch, q, k)
-    if causal:
-        q_len, k_len = query_seg.shape[1], key_seg.shape[1]
-        order = torch.ones(q_len, k_len, dtype=torch.bool, device=query_seg.device).tril()  # (q, k)
-        if prefix is not None:
-            both_inputs = (prefix[:, :, None] > 0) & (prefix[:, None, :] > 0)  # (batch, q, k)
-            order = order[None] | both_inputs
-        allowed = allowed & order
-    return _additive(allowed, query_seg, dtype)
+    rule = _segment_rule(query_seg, key_seg, causal=causal, prefix=prefix, query_branch=query_branch,
+                         key_branch=key_branch)
+    (batch, q_len), k_len = query_seg.shape, key_seg.shape[1]
+    index = lambda n: torch.arange(n, device=query_seg.device)  # noqa: E731
+    # (batch, 1, 1), (1, q, 1), (1, 1, k) indices -> (batch, q, k)
+    allowed = rule(index(batch)[:, None, None], index(q_len)[None, :, None], index(k_len)[None, None, :])
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
+def segment_block_mask(
+    query_seg: torch.Tensor,
+    key_seg: torch.Tensor,
+    *,
+    causal: bool,
+    prefix: torch.Tensor | None = None,
+    query_branch: torch.Tensor | None = None,
+    key_branch: torch.Tensor | None = None,
+):
+    """The rule of :func:`segment_mask` as a flex_attention ``BlockMask`` (``attn_implementation=flex_attention``).
+
+    A BlockMask records, per tile of 128 queries x 128 keys, whether the tile is empty, full or partial;
+    flex_attention skips empty tiles (most of them when a row packs many short examples) and applies the rule
+    inside partial ones, so no (batch, q, k) float mask reaches the attention. Rows need no padding to a
+    multiple of the tile (measured with rows of 32 and 40 tokens, torch 2.13). Building it evaluates the rule
+    once on a dense (batch, q, k) boolean grid, which is dropped once the tiles are summarised.
+
+    Args:
+        query_seg, key_seg, causal, prefix, query_branch, key_branch: as for :func:`segment_mask`.
+
+    Returns:
+        ``torch.nn.attention.flex_attention.BlockMask`` of shape (batch, 1, q, k), on the segment ids' device.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    rule = _segment_rule(query_seg, key_seg, causal=causal, prefix=prefix, query_branch=query_branch,
+                         key_branch=key_branch)
+    return create_block_mask(lambda b, h, q, k: rule(b, q, k), B=query_seg.shape[0], H=None,
+                             Q_LEN=query_seg.shape[1], KV_LEN=key_seg.shape[1], device=query_seg.device)
+
+
+def varlen_sequences(segment_ids: torch.Tensor) -> dict[str, torch.Tensor | int]:
+    """FlashAttention's variable-length boundaries for a packed batch (``attn_implementation=flash_attention_2``).
+
+    The batch is read as one flattened sequence of batch * seq tokens, cut wherever a row starts or the
+    segment id changes; FlashAttention's varlen kernel then runs each piece alone with a causal mask, so no
+    mask exists at all. A row's padding (segment 0) becomes a piece of its own: its tokens attend only each
+    other, carry no label, and no real token attends them, so they change nothing. For example::
+
+        segment_ids   [[1, 1, 1, 2, 2, 0],     flattened token offsets 0..11
+                       [1, 1, 1, 1, 1, 1]]
+        cu_seq_lens   [0, 3, 5, 6, 12]          max_length 6
+
+    Args:
+        segment_ids: (batch, seq) segment ids, 0 = padding.
+
+    Returns:
+        transformers' ``FlashAttentionKwargs``: ``cu_seq_lens_q`` = ``cu_seq_lens_k`` (pieces + 1,) int32
+        offsets into the flattened tokens, and ``max_length_q`` = ``max_length_k`` (int), the longest piece.
+    """
+    batch, seq = segment_ids.shape
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)  # (batch, seq): a piece starts here
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    offsets = starts.reshape(-1).nonzero().reshape(-1)
+    cu_seq_lens = torch.cat([offsets, offsets.new_tensor([batch * seq])]).to(torch.int32)
+    longest = int(cu_seq_lens.diff().max())  # an int: the kernel takes it as a launch size
+    return {"cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens, "max_length_q": longest,
+            "max_length_k": longest}
 
 
 def _attention_dtype(model: torch.nn.Module) -> torch.dtype:
@@ -369,6 +481,7 @@ def model_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], kind: 
     and fails with 4-D masks (FIELD_NOTES.md): ``model.encoder(input_ids, attention_mask=<self mask>)``,
     then ``model(encoder_outputs=..., attention_mask=<cross mask>, decoder_attention_mask=<causal mask>)``
     through the (possibly DDP-wrapped) model, so the call that produces the loss goes through the wrapper.
+    The masks are 4-D float tensors, BlockMasks or absent, by the model's attention (:func:`attention_backend`).
 
     Args:
         model: a seq2seq LM (kind "encdec") or causal LM (kinds "decoder", "prefix_lm"), possibly wrapped.
@@ -379,7 +492,8 @@ def model_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], kind: 
         (batch, seq, vocab) logits; ``logits[b, t]`` predicts ``batch["labels"][b, t]``.
 
     Raises:
-        ConfigError: unknown kind, or a decoder that takes no position_ids and is not BLOOM.
+        ConfigError: unknown kind, a decoder that takes no position_ids and is not BLOOM, or what
+            flash_attention_2 cannot express (:func:`~train.modeling.models.varlen_limitation`).
     """
     return _forward(model, batch, kind).logits
 
@@ -460,30 +574,48 @@ def head_inputs(model: torch.nn.Module, batch: dict[str, torch.Tensor], kind: st
 def _forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], kind: str):
     """The model's output for a packed batch (see :func:`model_forward`)."""
     inner = _unwrap(model)
+    backend = attention_backend(inner)
     dtype = _attention_dtype(inner)
+
+    def mask(query_seg: torch.Tensor, key_seg: torch.Tensor, **rule):
+        if backend == "flex":
+            return segment_block_mask(query_seg, key_seg, **rule)
+        return segment_mask(query_seg, key_seg, dtype, **rule)
+
     if kind == "encdec":
+        if backend == "varlen":
+            raise ConfigError(f"`model.attn_implementation=flash_attention_2`: {type(inner).__name__} is an "
+                              "encoder-decoder model, which the varlen path does not cover. Fix: use `sdpa` or "
+                              "`flex_attention`.")
         enc_seg, dec_seg = batch["input_segment_ids"], batch["target_segment_ids"]
         dec_branch = batch.get("target_branch_ids")  # rows with answer choices: each choice its own branch
         encoder_outputs = inner.get_encoder()(
             input_ids=batch["input_ids"],
-            attention_mask=segment_mask(enc_seg, enc_seg, dtype, causal=False),
+            attention_mask=mask(enc_seg, enc_seg, causal=False),
             return_dict=True,
         )
         return model(
             encoder_outputs=encoder_outputs,
-            attention_mask=segment_mask(dec_seg, enc_seg, dtype, causal=False),  # cross-attention only
+            attention_mask=mask(dec_seg, enc_seg, causal=False),  # cross-attention only
             decoder_input_ids=batch["decoder_input_ids"],
-            decoder_attention_mask=segment_mask(dec_seg, dec_seg, dtype, causal=True, query_branch=dec_branch,
-                                                key_branch=dec_branch),
+            decoder_attention_mask=mask(dec_seg, dec_seg, causal=True, query_branch=dec_branch, key_branch=dec_branch),
             use_cache=False,
             return_dict=True,
         )
     if kind not in ("decoder", "prefix_lm"):
         raise ConfigError(f"features: unknown model kind {kind!r}; expected 'encdec', 'decoder' or 'prefix_lm'")
     seg, branch = batch["segment_ids"], batch.get("branch_ids")
-    prefix = batch["prefix_mask"] if kind == "prefix_lm" else None
-    mask = segment_mask(seg, seg, dtype, causal=True, prefix=prefix, query_branch=branch, key_branch=branch)
-    kwargs = {"input_ids": batch["input_ids"], "attention_mask": mask, "use_cache": False, "return_dict": True}
+    kwargs = {"input_ids": batch["input_ids"], "use_cache": False, "return_dict": True}
+    if backend == "varlen":
+        # No mask: attention_mask=None plus explicit boundaries make transformers call the varlen kernel.
+        why = varlen_limitation(kind, choices=branch is not None)
+        if why:
+            raise ConfigError(f"`model.attn_implementation=flash_attention_2` with {type(inner).__name__}: {why}. Fix: "
+                              "use `model.attn_implementation=flex_attention` (CUDA) or `sdpa`.")
+        kwargs.update(varlen_sequences(seg))
+    else:
+        prefix = batch["prefix_mask"] if kind == "prefix_lm" else None
+        kwargs["attention_mask"] = mask(seg, seg, causal=True, prefix=prefix, query_branch=branch, key_branch=branch)
     if getattr(inner.config, "model_type", "") == "bloom":
         check_choice_support("bloom", choices=branch is not None)
         install_bloom_packing_adapter(inner)  # ALiBi from plain positions; BLOOM takes no position_ids
