@@ -305,8 +305,8 @@ def rerun_check(previous: dict, current: dict) -> tuple[str, int, int]:
 
 def git_commit() -> str:
     proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=False)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
-                           text=True, check=False).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!BENCHMARKS.md"],
+                           cwd=REPO, capture_output=True, text=True, check=False).stdout.strip()  # code changes only
     return (proc.stdout.strip() or "unknown") + ("+changes" if dirty else "")
 
 
