@@ -18,7 +18,7 @@ SCRIPTS = PACKAGE.parent / "scripts"
 BASE = ("config", "errors", "yamlfile")
 # Stage -> its modules in data-flow order. A new module must be placed here on purpose.
 STAGES = {
-    "data": ("templates", "preprocessors", "few_shot", "tasks", "tokenization", "mixtures", "packing", "lanes", "pipeline",
+    "data": ("templates", "preprocessors", "few_shot", "tasks", "tokenization", "mixtures", "packing", "lanes", "pipeline", "prefetch",
              "mixture_report"),
     "modeling": ("models", "adapters", "features", "losses"),
     "evaluation": ("metrics", "items", "distributed", "batching", "scoring", "generation", "results", "evaluator",
