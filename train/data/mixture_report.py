@@ -3,7 +3,8 @@
 Per task: examples (after prompting and tokenizing), ``k`` and seed of few-shot tasks, planned rate, share of samples realised by the real
 :class:`~train.data.mixtures.MixtureStream`, mean tokens per example, share of tokens, and the expected number
 of epochs for a given training length, flagging tasks repeated more than ``REPEAT_WARNING_EPOCHS`` times
-(data-constrained scaling laws). Optionally a bar chart.
+(data-constrained scaling laws). When the mixture has ``languages:`` or its tasks more than one language,
+also planned and realised shares per language and per (task, language). Optionally a bar chart.
 """
 
 from __future__ import annotations
@@ -48,7 +49,10 @@ def mixture_report(
     Returns:
         {"mixture", "rate", "seed", "steps", "batch_tokens", "realised_samples", "tasks": [per task:
         task, templates, few_shot ({k, seed} or None), examples, rate, mean_tokens, token_share,
-        expected_epochs, repeats, realised_share], "warnings": [str]}.
+        expected_epochs, repeats, realised_share], "warnings": [str]}; when the mixture has ``languages:``
+        or the plan's tasks more than one language, also "languages" (the ``languages:`` rate, or None),
+        "per_language": [language, tasks, examples, rate, realised_share] and "per_task_language": [task,
+        language, rate, realised_share] (language None: a task without one).
     """
     stream = MixtureStream.from_plan(plan, datasets, seed)
     # mean tokens per example of each source, from the Arrow offsets (no row decoding)
@@ -108,7 +112,7 @@ def mixture_report(
             }
         )
     rate = plan.spec.rate
-    return {
+    report = {
         "mixture": str(plan.spec.path),
         "rate": {k: v for k, v in vars(rate).items() if v is not None},
         "seed": seed,
@@ -117,6 +121,39 @@ def mixture_report(
         "realised_samples": realised_samples,
         "tasks": rows_out,
         "warnings": warnings,
+    }
+    if plan.spec.languages is not None or len(plan.language_shares()) > 1:  # one language: nothing to add
+        report.update(_language_rows(plan, rows_out, realised, realised_samples))
+    return report
+
+
+def _language_rows(plan: MixturePlan, tasks: list[dict], realised: Mapping[str, int], samples: int) -> dict:
+    """Planned and realised shares per language and per (task, language), from the per-task figures."""
+    language_of = {task: code for task, code in plan.task_language_shares()}  # a task has one language
+    per_task_language = [
+        {"task": t["task"], "language": language_of[t["task"]], "rate": t["rate"],
+         "realised_share": t["realised_share"]}
+        for t in sorted(tasks, key=lambda t: (str(language_of[t["task"]]), t["task"]))
+    ]
+    per_language: dict[str | None, dict] = {}
+    for t in tasks:
+        code = language_of[t["task"]]
+        entry = per_language.setdefault(code, {"language": code, "tasks": 0, "examples": 0, "rate": 0.0,
+                                               "_realised": 0})
+        entry["tasks"] += 1
+        entry["examples"] += t["examples"]
+        entry["rate"] += t["rate"]
+        entry["_realised"] += realised[t["task"]]
+    for entry in per_language.values():
+        entry["realised_share"] = entry.pop("_realised") / samples if samples else None
+    spec = plan.spec.languages
+    rates = None if spec is None else {k: v for k, v in vars(spec.rate).items() if v is not None}
+    if spec is not None and spec.weights is not None:
+        rates["weights"] = dict(spec.weights)
+    return {
+        "languages": rates,
+        "per_language": sorted(per_language.values(), key=lambda e: str(e["language"])),
+        "per_task_language": per_task_language,
     }
 
 
@@ -148,8 +185,33 @@ def format_mixture_report(report: Mapping) -> str:
     rate = ", ".join(f"{k}={v}" for k, v in report["rate"].items())
     out = [f"mixture {report['mixture']} ({rate}; realised over {report['realised_samples']:,} samples, "
            f"seed {report['seed']})", fmt(header).rstrip(), *(fmt(r).rstrip() for r in lines)]
+    if "per_language" in report:
+        out += ["", *_format_languages(report)]
     out += [f"WARNING: {w}" for w in report["warnings"]]
     return "\n".join(out)
+
+
+def _format_languages(report: Mapping) -> list[str]:
+    """Per language, then its tasks indented below it: planned and realised shares."""
+    def share(value: float | None) -> str:
+        return "-" if value is None else f"{value:.4f}"
+
+    examples = {t["task"]: t["examples"] for t in report["tasks"]}
+    header = ["language", "tasks", "examples", "rate", "realised"]
+    lines = []
+    for lang in report["per_language"]:
+        lines.append([lang["language"] or "(none)", str(lang["tasks"]), f"{lang['examples']:,}",
+                      share(lang["rate"]), share(lang["realised_share"])])
+        lines += [[f"  {t['task']}", "", f"{examples[t['task']]:,}", share(t["rate"]), share(t["realised_share"])]
+                  for t in report["per_task_language"] if t["language"] == lang["language"]]
+    widths = [max(len(r[i]) for r in [header, *lines]) for i in range(len(header))]
+
+    def fmt(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    rates = report["languages"]
+    title = "languages" + ("" if rates is None else " (" + ", ".join(f"{k}={v}" for k, v in rates.items()) + ")")
+    return [title, fmt(header), *(fmt(r) for r in lines)]
 
 
 def plot_mixture_report(report: Mapping, path: str | Path) -> None:
@@ -193,7 +255,7 @@ def show_mixture(
     Args:
         path: the mixture YAML (its ``tasks``/``include`` and nested mixtures define the tasks).
         steps, batch_tokens, samples, seed: see :func:`mixture_report`.
-        tokenizer: a tokenizer, or a folder for ``AutoTokenizer.from_pretrained``.
+        tokenizer: a tokenizer, a folder for ``AutoTokenizer.from_pretrained``, or ``"byt5"`` (bytes, no files).
         kind: model kind (decides eos / leading-space handling, hence token counts).
         plot: write :func:`plot_mixture_report`'s PNG here.
         cache_dir, data_root, max_examples_per_task: passed to train.data.tasks.
@@ -207,11 +269,15 @@ def show_mixture(
     from train.data.pipeline import load_mixture_tasks
     from train.data.tokenization import tokenize_prompted
 
-    if tokenizer is None or isinstance(tokenizer, (str, Path)):
+    if tokenizer == "byt5":  # the byte tokenizer needs no files
+        from transformers import ByT5Tokenizer
+
+        tokenizer = ByT5Tokenizer()
+    elif tokenizer is None or isinstance(tokenizer, (str, Path)):
         from transformers import AutoTokenizer
 
         if tokenizer is None or not Path(tokenizer).is_dir():
-            raise ConfigError(f"--tokenizer must be a folder with tokenizer files, got {tokenizer!r}.")
+            raise ConfigError(f"--tokenizer must be a folder with tokenizer files or `byt5`, got {tokenizer!r}.")
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
     spec, tasks = load_mixture_tasks(path, data_root=data_root)
     tokenized = {}
@@ -221,7 +287,7 @@ def show_mixture(
         prompted = tasks[name].prompted(max_examples_per_task, cache_dir=cache_dir)
         tokenized[name] = tokenize_prompted(prompted, tokenizer, kind)
     counts = {**dict.fromkeys(tasks, 0), **count_examples(tokenized)}
-    plan = plan_mixture(spec, counts)
+    plan = plan_mixture(spec, counts, languages={name: task.metadata.language for name, task in tasks.items()})
     few_shot = {name: task.few_shot for name, task in tasks.items() if task.few_shot is not None}
     report = mixture_report(
         plan, tokenized, steps=steps, batch_tokens=batch_tokens, realised_samples=samples, seed=seed, few_shot=few_shot

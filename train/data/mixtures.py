@@ -8,6 +8,7 @@ A mixture file holds a ``mixture:`` section (this module) next to ``tasks:`` / `
         - task: ag_news
         - {task: rte, few_shot: {k: 32, seed: 0}}   # k rows drawn with a seed; overrides the task's few_shot
         - mixture: nested.yaml        # its own rate; its members share the rate it gets here
+      languages: {type: temperature, alpha: 0.3}   # optional: rates over languages too (below)
 
 Rate types (``n`` = examples of a member after prompting, tokenizing and filtering):
 
@@ -33,6 +34,26 @@ that template, ``k`` = number of templates of the task); every other rate type s
 uniformly whatever their template. A nested mixture counts as one member whose ``n`` is the sum of its
 examples (``t0_per_template`` treats it as one template); its members share that rate in proportion to
 their own rates, so rates compose multiplicatively.
+
+Languages (optional ``languages:``, BLOOMZ / xP3 / mT5 style). The mixture is first resolved as above into
+leaf shares ``p_leaf``; the leaves are then grouped by their task's ``metadata.language`` and the languages
+get rates of their own (``n_L`` = examples of the tasks of language ``L``)::
+
+    P(leaf) = P(L) * p_leaf / sum(p of the leaves of L),    P(L) = rate_L / sum over languages of rate_L
+
+=====================  ===============================================  =====================================
+type                   rate of a language                               keys
+=====================  ===============================================  =====================================
+examples_proportional  ``min(n_L, maximum)`` (xP3)                      ``maximum`` (optional)
+temperature            ``min(n_L, maximum) ** alpha`` with              exactly one of ``alpha`` /
+                       ``alpha = 1 / temperature`` (mT5: alpha = 0.3)   ``temperature``; ``maximum`` (optional)
+weights                ``weights[L]``                                   ``weights: {en: 3, zh: 1}``, one per language
+equal                  ``1``                                            -
+=====================  ===============================================  =====================================
+
+So within a language the tasks (or templates) keep the proportions ``rate`` gave them. Only the top-level
+mixture may have ``languages:`` (a nested file with one is an error); every task of the mixture then needs a
+``metadata.language``.
 
 :class:`MixtureStream` is an infinite stream of ``{"task", "index", "input_ids", "target_ids"}``:
 
@@ -69,7 +90,7 @@ from train.data.few_shot import FewShotSpec, overrides_conflict, parse_few_shot
 from train.errors import ConfigError, DataError
 from train.yamlfile import load_yaml
 
-MIXTURE_KEYS = ("rate", "members")
+MIXTURE_KEYS = ("rate", "members", "languages")
 MEMBER_KEYS = ("task", "mixture", "weight", "few_shot")
 RATE_KEYS = {
     "weights": ("type",),
@@ -77,6 +98,12 @@ RATE_KEYS = {
     "temperature": ("type", "temperature", "maximum"),
     "equal": ("type",),
     "t0_per_template": ("type", "cap", "rule"),
+}
+LANGUAGE_RATE_KEYS = {
+    "examples_proportional": ("type", "maximum"),
+    "temperature": ("type", "alpha", "temperature", "maximum"),
+    "weights": ("type", "weights"),
+    "equal": ("type",),
 }
 T0_RULES = ("min", "step")
 T0_DEFAULT_CAP = 500_000  # t-zero's MAX_EXAMPLES_PER_DATASET
@@ -130,6 +157,15 @@ class RateSpec:
 
 
 @dataclass(frozen=True)
+class LanguageSpec:
+    """The ``mixture.languages:`` section: the rate of each language (see the module docstring)."""
+
+    where: str  # "<file>: mixture.languages", for error messages
+    rate: RateSpec  # its member_rate(n_L, weight) is the rate of a language
+    weights: dict[str, float] | None = None  # language -> weight, for type 'weights'
+
+
+@dataclass(frozen=True)
 class MemberSpec:
     """One entry of ``mixture.members``: exactly one of ``task`` / ``mixture`` is set.
 
@@ -151,6 +187,7 @@ class MixtureSpec:
     path: Path
     rate: RateSpec
     members: tuple[MemberSpec, ...]
+    languages: LanguageSpec | None = None  # top-level mixtures only
 
     def task_names(self) -> list[str]:
         """Every task the mixture (and its nested mixtures) samples from, sorted."""
@@ -228,6 +265,45 @@ def _parse_rate(raw: Any, where: str) -> RateSpec:
     return RateSpec(type=rate_type, maximum=maximum)
 
 
+def _parse_languages(raw: Any, where: str) -> LanguageSpec:
+    if not isinstance(raw, Mapping) or "type" not in raw:
+        raise ConfigError(
+            f"{where} must be a mapping with a 'type' (one of {', '.join(LANGUAGE_RATE_KEYS)}), got {raw!r}. "
+            "Example: languages: {type: temperature, alpha: 0.3}"
+        )
+    rate_type = raw["type"]
+    if rate_type not in LANGUAGE_RATE_KEYS:
+        close = difflib.get_close_matches(str(rate_type), list(LANGUAGE_RATE_KEYS), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"{where}.type: unknown language rate type '{rate_type}'.{hint} "
+                          f"Valid types: {', '.join(LANGUAGE_RATE_KEYS)}.")
+    _check_keys(raw, LANGUAGE_RATE_KEYS[rate_type], where)
+    if rate_type == "weights":
+        table = raw.get("weights")
+        if not isinstance(table, Mapping) or not table:
+            raise ConfigError(f"{where}.weights must be a mapping language -> weight, e.g. {{en: 3, zh: 1}}; "
+                              f"got {table!r}.")
+        weights = {}
+        for code, weight in table.items():
+            if not isinstance(code, str):  # YAML 1.1 reads a bare `no` (Norwegian) as False
+                raise ConfigError(f"{where}.weights: language {code!r} is not a string; quote it, e.g. 'no': 1.")
+            weights[code] = _number(weight, f"{where}.weights.{code}", minimum=0, inclusive=False)
+        return LanguageSpec(where=where, rate=RateSpec(type="weights"), weights=weights)
+    maximum = raw.get("maximum")
+    if maximum is not None:
+        maximum = _number(maximum, f"{where}.maximum", minimum=0, inclusive=False)
+    if rate_type == "temperature":
+        if ("alpha" in raw) == ("temperature" in raw):
+            raise ConfigError(f"{where}: type 'temperature' needs exactly one of 'alpha' (rate = n ** alpha; mT5 "
+                              "uses 0.3) or 'temperature' (= 1 / alpha).")
+        if "alpha" in raw:
+            temperature = 1.0 / _number(raw["alpha"], f"{where}.alpha", minimum=0, inclusive=False)
+        else:
+            temperature = _number(raw["temperature"], f"{where}.temperature", minimum=0, inclusive=False)
+        return LanguageSpec(where=where, rate=RateSpec(type=rate_type, maximum=maximum, temperature=temperature))
+    return LanguageSpec(where=where, rate=RateSpec(type=rate_type, maximum=maximum))
+
+
 def _read_yaml(path: Path, where: str) -> Mapping:
     if not path.is_file():
         raise ConfigError(f"{where}: mixture file {path} does not exist.")
@@ -252,8 +328,9 @@ def load_mixture_spec(path: str | Path, _stack: tuple[Path, ...] = ()) -> Mixtur
     Raises:
         ConfigError: missing file, bad YAML, unknown key (with the closest valid one), a rate, weight,
             maximum or temperature <= 0, a cap < 1, a member with both / neither of task and mixture, a
-            duplicate member, an empty ``members`` list, a cycle of nested mixtures, or a bad ``few_shot``
-            (see :func:`train.data.few_shot.parse_few_shot`).
+            duplicate member, an empty ``members`` list, a cycle of nested mixtures, a bad ``few_shot``
+            (see :func:`train.data.few_shot.parse_few_shot`), a bad ``languages`` section, or one in a
+            nested mixture.
     """
     path = Path(path).resolve()
     if path in _stack:
@@ -268,10 +345,16 @@ def load_mixture_spec(path: str | Path, _stack: tuple[Path, ...] = ()) -> Mixtur
     if not isinstance(section, Mapping):
         raise ConfigError(f"{where} must be a mapping with 'rate' and 'members'.")
     _check_keys(section, MIXTURE_KEYS, where)
-    for key in MIXTURE_KEYS:
+    for key in ("rate", "members"):
         if key not in section:
             raise ConfigError(f"{where}: missing '{key}'.")
     rate = _parse_rate(section["rate"], f"{where}.rate")
+    languages = None
+    if "languages" in section:
+        if _stack:
+            raise ConfigError(f"{where}.languages: only the top-level mixture's 'languages:' applies, and this file "
+                              f"is nested in {_stack[0]}. Move it there, or remove it here.")
+        languages = _parse_languages(section["languages"], f"{where}.languages")
     members_raw = section["members"]
     if not isinstance(members_raw, list) or not members_raw:
         raise ConfigError(f"{where}.members must be a non-empty list of '- task: NAME' / '- mixture: FILE'.")
@@ -319,7 +402,7 @@ def load_mixture_spec(path: str | Path, _stack: tuple[Path, ...] = ()) -> Mixtur
             raise ConfigError(f"{mwhere}: {key[0]} '{key[1]}' is listed twice in the same mixture.")
         seen.add(key)
         members.append(member)
-    return MixtureSpec(path=path, rate=rate, members=tuple(members))
+    return MixtureSpec(path=path, rate=rate, members=tuple(members), languages=languages)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -335,6 +418,7 @@ class PlannedSource:
     template: str | None
     examples: int
     probability: float  # share of samples; all sources of a plan sum to 1
+    language: str | None = None  # the task's metadata.language, when the planner was given it
 
     @property
     def name(self) -> str:
@@ -353,6 +437,21 @@ class MixturePlan:
         shares: dict[str, float] = {}
         for source in self.sources:
             shares[source.task] = shares.get(source.task, 0.0) + source.probability
+        return shares
+
+    def language_shares(self) -> dict[str | None, float]:
+        """Planned share of samples per language (None: tasks without a language, or none given)."""
+        shares: dict[str | None, float] = {}
+        for source in self.sources:
+            shares[source.language] = shares.get(source.language, 0.0) + source.probability
+        return shares
+
+    def task_language_shares(self) -> dict[tuple[str, str | None], float]:
+        """Planned share of samples per (task, language), templates summed."""
+        shares: dict[tuple[str, str | None], float] = {}
+        for source in self.sources:
+            key = (source.task, source.language)
+            shares[key] = shares.get(key, 0.0) + source.probability
         return shares
 
 
@@ -414,7 +513,49 @@ def _resolve(spec: MixtureSpec, counts: ExampleCounts) -> tuple[list[tuple[str, 
     return resolved, total_examples
 
 
-def plan_mixture(spec: MixtureSpec, counts: ExampleCounts) -> MixturePlan:
+Leaves = dict[tuple[str, str | None], tuple[int, float]]  # (task, template) -> (examples, share)
+
+
+def _by_language(spec: LanguageSpec, leaves: Leaves, counts: ExampleCounts,
+                 languages: Mapping[str, str | None]) -> Leaves:
+    """``leaves`` reweighted so that each language gets its rate (see the module docstring)."""
+    language_of: dict[str, str] = {}
+    for task, _ in leaves:
+        code = languages.get(task)
+        if not code:
+            raise ConfigError(f"{spec.where}: task '{task}' has no language. Set `metadata.language` (an ISO 639 "
+                              "code such as en) in its task file, or remove 'languages:' from the mixture.")
+        language_of[task] = code
+    examples: dict[str, int] = {}  # n_L: every task counted once, however many leaves it has
+    for task, code in language_of.items():
+        per_template = _per_template(counts[task], task)
+        n = sum(per_template.values()) if per_template is not None else int(counts[task])
+        examples[code] = examples.get(code, 0) + n
+    codes = sorted(examples)
+    if spec.weights is not None:
+        for code in spec.weights:
+            if code not in examples:
+                close = difflib.get_close_matches(code, codes, n=1)
+                hint = f" Did you mean '{close[0]}'?" if close else ""
+                raise ConfigError(f"{spec.where}.weights.{code}: no task of the mixture has language '{code}'.{hint} "
+                                  f"The mixture's languages: {', '.join(codes)}.")
+        missing = [code for code in codes if code not in spec.weights]
+        if missing:
+            raise ConfigError(f"{spec.where}.weights: no weight for the mixture's language(s) {', '.join(missing)}; "
+                              "give every language of the mixture a weight.")
+    rates = {code: spec.rate.member_rate(n, spec.weights[code] if spec.weights else None)
+             for code, n in examples.items()}
+    total_rate = sum(rates.values())
+    within: dict[str, float] = {}  # sum of the leaf shares of each language
+    for (task, _), (_, p) in leaves.items():
+        within[language_of[task]] = within.get(language_of[task], 0.0) + p
+    return {(task, template): (n, rates[language_of[task]] / total_rate * p / within[language_of[task]])
+            for (task, template), (n, p) in leaves.items()}
+
+
+def plan_mixture(
+    spec: MixtureSpec, counts: ExampleCounts, languages: Mapping[str, str | None] | None = None
+) -> MixturePlan:
     """Compute every source's share of samples.
 
     Args:
@@ -422,20 +563,27 @@ def plan_mixture(spec: MixtureSpec, counts: ExampleCounts) -> MixturePlan:
         counts: task -> examples after prompting, tokenizing and filtering (not raw rows), or task ->
             {template: examples} (needed for per-template sources under ``t0_per_template``; see
             :func:`count_examples`).
+        languages: task -> its ``metadata.language`` (or None). Needed when the spec has ``languages:``;
+            otherwise it only labels the sources (for :meth:`MixturePlan.language_shares`).
 
     Returns:
         The plan; a (task, template) reached through several nested mixtures gets the sum of its shares.
 
     Raises:
-        ConfigError: a member names a task that is not in ``counts`` (the message lists the known ones).
+        ConfigError: a member names a task that is not in ``counts`` (the message lists the known ones);
+            under ``languages:``, a task without a language, or a ``weights`` table that names a language
+            no task has or misses one the tasks have.
         DataError: a member task has zero examples.
     """
     resolved, _ = _resolve(spec, counts)
-    merged: dict[tuple[str, str | None], tuple[int, float]] = {}
+    merged: Leaves = {}
     for task, template, n, p in resolved:
         old = merged.get((task, template), (n, 0.0))
         merged[(task, template)] = (n, old[1] + p)
-    sources = [PlannedSource(task, template, n, p) for (task, template), (n, p) in merged.items()]
+    languages = languages or {}
+    if spec.languages is not None:
+        merged = _by_language(spec.languages, merged, counts, languages)
+    sources = [PlannedSource(task, template, n, p, languages.get(task)) for (task, template), (n, p) in merged.items()]
     sources.sort(key=lambda s: s.name)
     return MixturePlan(spec=spec, sources=tuple(sources))
 
