@@ -101,10 +101,14 @@ def test_keys_listing_covers_public_names():
         assert key in keys
 
 
-def test_every_mixture_file_loads_with_its_mixture_section():
-    from train.data.mixtures import load_mixture_spec
+def test_every_mixture_file_loads_with_its_mixture_section(tmp_path, monkeypatch):
+    from train.data.pipeline import load_mixture_tasks
     from train.data.tasks import load_task_file
 
+    xp3 = tmp_path / "bigscience" / "xP3" / "en"  # xp3_train.yaml reads ${MTF_DATA_ROOT}/bigscience/xP3/<lang>/
+    xp3.mkdir(parents=True)
+    (xp3 / "sample.jsonl").write_text('{"inputs": "1 + 1 =", "targets": "2"}\n', encoding="utf-8")
+    monkeypatch.setenv("MTF_DATA_ROOT", str(tmp_path))
     files = sorted((REPO / "data_mixtures").glob("*.yaml"))
     assert len(files) >= 8
     with_mixture = 0
@@ -112,8 +116,8 @@ def test_every_mixture_file_loads_with_its_mixture_section():
         task_file = load_task_file(path)
         assert task_file.tasks, path
         if "mixture" in task_file.sections:
-            spec = load_mixture_spec(path)
-            assert set(spec.task_names()) <= set(task_file.tasks), path
+            spec, tasks = load_mixture_tasks(path)  # prompted tasks split by language expand to their languages
+            assert set(spec.task_names()) <= set(task_file.tasks) == set(tasks), path
             with_mixture += 1
     assert with_mixture >= 5  # demo, local and the three T0 training mixtures
 

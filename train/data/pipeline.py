@@ -9,6 +9,7 @@ applies to few-shot tasks like any other. Mixture members' ``few_shot`` settings
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from collections import Counter
 from contextlib import nullcontext
 from pathlib import Path
@@ -40,13 +41,32 @@ def load_mixture_tasks(path: str | Path, *, data_root: Optional[str] = None) -> 
 
     spec = load_mixture_spec(path)
     tasks: dict = {}
+    groups: dict = {}
     for file in _mixture_files(spec):
-        for name, task in load_task_file(file, data_root=data_root).tasks.items():
+        task_file = load_task_file(file, data_root=data_root)
+        for name, task in task_file.tasks.items():
             tasks.setdefault(name, task)
+        for name, members in task_file.groups.items():
+            groups.setdefault(name, members)
+    spec = _expand_groups(spec, groups)
     for name, (few_shot, _) in spec.few_shot_overrides().items():
         if name in tasks:  # an unknown name is reported with the known ones by load_train_tasks / plan_mixture
             tasks[name] = dataclasses.replace(tasks[name], few_shot=few_shot)
     return spec, tasks
+
+
+def _expand_groups(spec: Any, groups: dict) -> Any:
+    """A member naming a prompted-file task split by language (``xp3``) becomes one member per language task
+    (``xp3.en``, ``xp3.zh``, ...), each with the member's settings, in every nested mixture too."""
+    members = []
+    for member in spec.members:
+        if member.mixture is not None:
+            members.append(dataclasses.replace(member, mixture=_expand_groups(member.mixture, groups)))
+        elif member.task in groups:
+            members.extend(dataclasses.replace(member, task=name) for name in groups[member.task])
+        else:
+            members.append(member)
+    return dataclasses.replace(spec, members=tuple(members))
 
 
 def load_train_tasks(cfg: Config) -> tuple[Any, dict]:
@@ -90,19 +110,62 @@ def load_eval_file(path: str, cfg: Optional[Config] = None) -> Any:
     return load_task_file(path, data_root=cfg.data.data_root if cfg else None)
 
 
+EVAL_SECTION_KEYS = ("held_out", "clusters", "held_out_languages")
+
+
 def held_out_of(eval_file: Any) -> tuple[list[str], list[str]]:
     """(held-out datasets, held-out clusters) an eval mixture declares in its ``eval:`` section."""
-    section = eval_file.sections.get("eval") or {}
-    if not isinstance(section, dict):
-        raise ConfigError(f"{eval_file.path}: `eval` must be a mapping with `held_out` and optional `clusters`.")
-    unknown = set(section) - {"held_out", "clusters"}
-    if unknown:
-        raise ConfigError(f"{eval_file.path}: unknown key(s) in `eval`: {', '.join(sorted(unknown))}; "
-                          "valid: held_out, clusters.")
+    section = _eval_section(eval_file)
     held, clusters = (_names(section.get(key), f"{eval_file.path}: eval.{key}") for key in ("held_out", "clusters"))
     if not held:  # an eval mixture holds out at least its own datasets
         held = sorted({t.metadata.dataset for t in eval_file.tasks.values()})
     return held, clusters
+
+
+def held_out_languages_of(eval_file: Any) -> list[str]:
+    """The languages an eval mixture scores zero-shot (``eval.held_out_languages``): no training task may be in
+    one of them, whatever ``eval.allow_held_out_overlap`` says.
+
+    Raises:
+        ConfigError: a listed language that none of the eval mixture's tasks has (a typo would guard nothing).
+    """
+    where = f"{eval_file.path}: eval.held_out_languages"
+    languages = _names(_eval_section(eval_file).get("held_out_languages"), where)
+    known = sorted({t.metadata.language for t in eval_file.tasks.values() if t.metadata.language})
+    for code in languages:
+        if code not in known:
+            close = difflib.get_close_matches(code, known, n=1)
+            raise ConfigError(f"{where}: no task of this eval mixture is in language {code!r}"
+                              + (f" (did you mean {close[0]!r}?)" if close else "")
+                              + f"; its tasks' languages (metadata.language): {', '.join(known) or 'none'}.")
+    return languages
+
+
+def _eval_section(eval_file: Any) -> dict:
+    section = eval_file.sections.get("eval") or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{eval_file.path}: `eval` must be a mapping with `held_out` and optional `clusters`.")
+    unknown = set(section) - set(EVAL_SECTION_KEYS)
+    if unknown:
+        raise ConfigError(f"{eval_file.path}: unknown key(s) in `eval`: {', '.join(sorted(unknown))}; "
+                          f"valid: {', '.join(EVAL_SECTION_KEYS)}.")
+    return section
+
+
+def check_held_out_languages(tasks: Any, eval_file: Any) -> None:
+    """Refuse training tasks in a language the eval mixture scores zero-shot (``eval.held_out_languages``).
+
+    Raises:
+        ConfigError: naming each such task, its file and language, and the eval file's key.
+    """
+    held = set(held_out_languages_of(eval_file))
+    offenders = [f"{t.name} ({t.file}, metadata.language {t.metadata.language})" for t in tasks
+                 if t.metadata.language in held]
+    if offenders:
+        raise ConfigError(f"training tasks are in languages that {eval_file.path} scores zero-shot "
+                          f"(eval.held_out_languages: {', '.join(sorted(held))}): {'; '.join(offenders)}. Remove "
+                          "them from the training mixture, or drop the language from eval.held_out_languages (its "
+                          "results would no longer be zero-shot).")
 
 
 def _names(value: Any, where: str) -> list[str]:
@@ -130,7 +193,7 @@ def load_eval_examples(mixture: str, *, data_root: Optional[str] = None, cache_d
     clusters: dict[str, str] = {}
     languages: dict[str, str] = {}
     for task in task_file.tasks.values():
-        dataset = task.metadata.dataset
+        dataset = task.metadata.eval_group  # the dataset, or dataset@prompts (a prompt setting is its own group)
         if task.metadata.cluster:
             clusters[dataset] = task.metadata.cluster
         if task.metadata.language:
@@ -169,6 +232,7 @@ def build_training_data(cfg: Config, tokenizer: Any, kind: str, accelerator: Any
     if eval_file is not None:
         held, clusters = held_out_of(eval_file)
         overlap = check_held_out(tasks.values(), held, clusters, allow=cfg.eval.allow_held_out_overlap)
+        check_held_out_languages(tasks.values(), eval_file)
         if overlap and accelerator is not None:
             accelerator.print(f"[mtf] WARNING: training on held-out data (eval.allow_held_out_overlap=true): {'; '.join(overlap)}")
 
@@ -180,7 +244,8 @@ def build_training_data(cfg: Config, tokenizer: Any, kind: str, accelerator: Any
             tokenized[name] = tokenize_prompted(prompted, tokenizer, kind, num_proc=cfg.data.num_proc)
         evaluation = (load_eval_examples(cfg.eval.mixture, data_root=cfg.data.data_root, cache_dir=cfg.data.cache_dir)
                       if eval_file is not None else None)
-    plan = plan_mixture(spec, count_examples(tokenized))
+    plan = plan_mixture(spec, count_examples(tokenized),
+                        languages={name: task.metadata.language for name, task in tasks.items()})
     stream = MixtureStream.from_plan(plan, tokenized, seed=cfg.trainer.seed)
 
     def make_packer() -> Packer:

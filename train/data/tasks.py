@@ -62,8 +62,8 @@ from train.errors import ConfigError, DataError, TemplateError
 from train.yamlfile import load_yaml
 from train.data.few_shot import FewShotDraw, FewShotSpec, draw_rows, parse_few_shot
 from train.data.preprocessors import PREPROCESSORS, PreprocessorRegistry
-from train.data.templates import (SKIP_MISSING_FIELD, SKIP_RENDER_ERROR, fails_on_data, TEXT_VAR_LENGTH, Template,
-                             TemplateMetadata, load_templates)
+from train.data.templates import (SKIP_EMPTY_INPUT, SKIP_EMPTY_TARGET, SKIP_MISSING_FIELD, SKIP_RENDER_ERROR,
+                                  fails_on_data, TEXT_VAR_LENGTH, Template, TemplateMetadata, load_templates)
 
 DATA_ROOT_ENV = "MTF_DATA_ROOT"
 LOCAL_TYPES = ("jsonl", "json", "csv", "parquet")
@@ -72,12 +72,14 @@ _READER_VERSION = "2"  # bump when _read_records changes, to invalidate cached A
 _RENDER_VERSION = "1"
 
 FILE_KEYS = ("tasks", "include")  # the top-level keys this module owns; others are passed through
-TASK_KEYS = ("name", "source", "split", "preprocessors", "templates", "metadata", "few_shot")
+TASK_KEYS = ("name", "source", "split", "preprocessors", "templates", "prompted", "metadata", "few_shot")
 SOURCE_KEYS = {"hub": ("type", "path", "name"),
                **{t: ("type", "data_files", "fields", "join") for t in LOCAL_TYPES}}
 JOIN_KEYS = ("type", "data_files", "key")  # not "on": YAML 1.1 reads it as True
 TEMPLATE_KEYS = ("file", "names", "original_task", "choices_in_prompt", "languages")
-METADATA_KEYS = ("dataset", "cluster", "language")
+PROMPTED_KEYS = ("inputs", "targets", "answer_choices", "template", "language")
+LANGUAGE_SEPARATOR = "."  # a prompted-file task with languages from paths or a column: "<task>.<language>"
+METADATA_KEYS = ("dataset", "cluster", "language", "prompts")
 PREPROCESSOR_KEYS = ("name", "args")
 
 _LIST = getattr(datasets, "List", datasets.Sequence)
@@ -125,10 +127,35 @@ class TemplateSelection:
 
 
 @dataclasses.dataclass(frozen=True)
+class PromptedColumns:
+    """Where an already-prompted row keeps its parts (a ``prompted:`` task; xP3's jsonl by default).
+
+    ``template``: the prompt's name: ``None`` = the stem of the row's file (xP3 writes one file per dataset
+    and prompt), or a literal name; ``template_column``: a column holding it instead. ``language_filter``:
+    (column, code) of the rows this task keeps, when languages come from a column.
+    """
+
+    inputs: str = "inputs"
+    targets: str = "targets"
+    answer_choices: Optional[str] = None
+    template: Optional[str] = None
+    template_column: Optional[str] = None
+    language_filter: Optional[tuple[str, str]] = None
+
+
+@dataclasses.dataclass(frozen=True)
 class TaskMetadata:
     dataset: str
     cluster: Optional[str] = None
-    language: Optional[str] = None
+    language: Optional[str] = None  # the data's language (ISO 639 code, as xP3 names its folders)
+    prompts: Optional[str] = None  # which prompts render it, e.g. en / mt / ht (BLOOMZ's XCOPA settings)
+
+    @property
+    def eval_group(self) -> str:
+        """The name evaluation results are grouped (and their median taken) under: the dataset, with the
+        prompt setting after an ``@`` when one is set (``xcopa/sw@mt``), so English and translated prompts
+        on the same data are separate groups."""
+        return self.dataset if self.prompts is None else f"{self.dataset}@{self.prompts}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,11 +187,12 @@ class Task:
     source: SourceSpec
     split: str
     preprocessors: tuple[PreprocessorCall, ...]
-    templates: TemplateSelection
+    templates: Optional[TemplateSelection]  # None for a prompted-file task (``prompted`` set)
     metadata: TaskMetadata
     file: str
     data_root: Optional[str] = None
     few_shot: Optional[FewShotSpec] = None  # k rows drawn with a seed; a mixture member may override it
+    prompted_columns: Optional[PromptedColumns] = None  # rows already prompted: no template renders them
 
     # -- data ---------------------------------------------------------------------------------------
     def load(self, max_examples: Optional[int] = None, *, cache_dir: Optional[str] = None) -> datasets.Dataset:
@@ -312,6 +340,8 @@ class Task:
         Raises:
             DataError / TemplateError: as described above, naming task, template, field and a row.
         """
+        if self.prompted_columns is not None:
+            return self._prompted_files(max_examples, max_failure_fraction, cache_dir)
         raw, draw = self.load_rows(max_examples, cache_dir=cache_dir)
         # example_index = the row's index in the whole split, also when a few-shot draw picked the rows
         row_ids = list(draw.indices) if draw is not None else None
@@ -321,9 +351,9 @@ class Task:
             tpl.compile()  # template bugs (syntax, unknown filter) fail here, before any row is mapped
             spec = tpl.to_dict()
             fingerprint = _hash(["render", _RENDER_VERSION, raw._fingerprint, spec, max_field_chars, self.name,
-                                 self.metadata.dataset, row_ids])
+                                 self.metadata.eval_group, row_ids])
             rendered = raw.map(_render_batch, batched=True, with_indices=True, remove_columns=raw.column_names,
-                               fn_kwargs={"template": spec, "task": self.name, "dataset": self.metadata.dataset,
+                               fn_kwargs={"template": spec, "task": self.name, "dataset": self.metadata.eval_group,
                                           "max_field_chars": max_field_chars, "row_ids": row_ids},
                                features=datasets.Features({**PROMPTED_FEATURES, **_SKIP_COLUMNS}),
                                new_fingerprint=fingerprint, desc=f"render {self.name}/{tpl.name}")
@@ -334,7 +364,7 @@ class Task:
                 if r and r not in first:
                     first[r] = {"example_index": row_ids[i] if row_ids else i, "detail": rendered[i]["_skip_detail"]}
             n = len(reasons)
-            report.entries[(self.metadata.dataset, tpl.name)] = {
+            report.entries[(self.metadata.eval_group, tpl.name)] = {
                 "rows": n, "rendered": n - sum(counts.values()), "skipped": dict(counts), "first_skip": first}
             failures = counts[SKIP_MISSING_FIELD] + counts[SKIP_RENDER_ERROR]
             if fails_on_data(counts, n, max_failure_fraction):
@@ -348,6 +378,100 @@ class Task:
             parts.append(kept.remove_columns(list(_SKIP_COLUMNS)))
         out = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
         return out, report
+
+    def _prompted_files(self, max_examples: Optional[int], max_failure_fraction: float,
+                        cache_dir: Optional[str]) -> tuple[datasets.Dataset, RenderReport]:
+        """Rows that are already prompted (xP3's jsonl): each file read on its own, so its stem can name the
+        prompt; the same checks and skip report as rendered templates, no template involved."""
+        cols = self.prompted_columns
+        report, parts, offset = RenderReport(), [], 0
+        for path, ds in self._prompted_sources(cache_dir):
+            wanted = [c for c in (cols.inputs, cols.targets, cols.answer_choices, cols.template_column,
+                                  cols.language_filter and cols.language_filter[0]) if c]
+            missing = [c for c in wanted if c not in ds.column_names]
+            if missing:
+                key = {cols.inputs: "inputs", cols.targets: "targets", cols.answer_choices: "answer_choices",
+                       cols.template_column: "template"}.get(missing[0], "language")
+                raise DataError(f"{self._where()}: {path} has no column {missing[0]!r} (prompted.{key}); its columns: "
+                                f"{ds.column_names}. Name the column that holds it with `prompted: {{{key}: COLUMN}}`"
+                                + (" or add it to the file." if key != "language" else "."))
+            if cols.language_filter is not None:
+                column, code = cols.language_filter
+                ds = ds.filter(lambda v: str(v) == code, input_columns=column,
+                               new_fingerprint=_hash(["language", ds._fingerprint, column, code]))
+            if max_examples is not None:
+                ds = ds.select(range(min(max(max_examples - offset, 0), len(ds))))
+            if len(ds) == 0:
+                continue
+            template = cols.template or (Path(path).stem if path else self.name)
+            fingerprint = _hash(["prompted", _RENDER_VERSION, ds._fingerprint, dataclasses.asdict(cols), template,
+                                 self.name, self.metadata.eval_group, offset])
+            rows = ds.map(_prompted_batch, batched=True, with_indices=True, remove_columns=ds.column_names,
+                          fn_kwargs={"columns": cols, "template": template, "task": self.name,
+                                     "dataset": self.metadata.eval_group, "offset": offset},
+                          features=datasets.Features({**PROMPTED_FEATURES, **_SKIP_COLUMNS}),
+                          new_fingerprint=fingerprint, desc=f"prompted {self.name}")
+            offset += len(ds)
+            reasons = rows["_skip_reason"]
+            counts = Counter(r for r in reasons if r)
+            names = rows["template"] if cols.template_column else [template] * len(rows)
+            for name in dict.fromkeys(names):
+                idx = [i for i, n in enumerate(names) if n == name]
+                entry = report.entries.setdefault((self.metadata.eval_group, name), {
+                    "rows": 0, "rendered": 0, "skipped": {}, "first_skip": {}})
+                entry["rows"] += len(idx)
+                for i in idx:
+                    r = reasons[i]
+                    if not r:
+                        entry["rendered"] += 1
+                        continue
+                    entry["skipped"][r] = entry["skipped"].get(r, 0) + 1
+                    entry["first_skip"].setdefault(r, {"example_index": rows[i]["example_index"],
+                                                       "detail": rows[i]["_skip_detail"]})
+            if fails_on_data(counts, len(rows), max_failure_fraction):
+                raise DataError(f"{self._where()}: {path}: {sum(counts.values())}/{len(rows)} rows have no "
+                                f"{cols.inputs!r} or {cols.targets!r} value ({dict(counts)}); fix the file or "
+                                f"point prompted.inputs / prompted.targets at the right columns.")
+            kept = rows.filter(lambda r: r == "", input_columns="_skip_reason",
+                               new_fingerprint=_hash(["filter", fingerprint]))
+            parts.append(kept.remove_columns(list(_SKIP_COLUMNS)))
+        if not parts:
+            raise DataError(f"{self._where()}: no prompted rows in split {self.split!r}"
+                            + (f" with {cols.language_filter[0]} = {cols.language_filter[1]!r}" if cols.language_filter
+                               else "") + ".")
+        out = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+        return out, report
+
+    def _prompted_sources(self, cache_dir: Optional[str]) -> Iterator[tuple[Optional[str], datasets.Dataset]]:
+        """(file, its preprocessed rows) per data file of the split; a hub source is one unnamed part."""
+        src = self.source
+        if src.type == "hub":
+            yield None, self._load_source(cache_dir)
+            return
+        if self.split not in src.data_files:
+            raise DataError(f"{self._where()}: no data_files for split {self.split!r}; "
+                            f"splits with files: {sorted(src.data_files)}")
+        for path in src.data_files[self.split]:
+            ds = self._read_local((src.type, [path]), src.fields, cache_dir)
+            yield path, (self._preprocess(ds) if self.preprocessors else ds)
+
+    def template_names(self) -> list[str]:
+        """The names of this task's prompts: its selected templates, or a prompted-file task's prompt names
+        (file stems, the fixed name, or the values of its template column, read from the data)."""
+        cols = self.prompted_columns
+        if cols is None:
+            return [t.name for t in self.select_templates()]
+        if cols.template:
+            return [cols.template]
+        if cols.template_column is None and self.source.type != "hub":
+            return list(dict.fromkeys(Path(f).stem for f in self.source.data_files.get(self.split, ())))
+        return list(dict.fromkeys(self.prompted()["template"]))
+
+    def prompt_files(self) -> list[str]:
+        """The files the prompts come from: the templates file, or a prompted-file task's data files."""
+        if self.prompted_columns is None:
+            return [self.templates.file]
+        return list(self.source.data_files.get(self.split, ()))
 
     def prompted(self, max_examples: Optional[int] = None, **kwargs: Any) -> datasets.Dataset:
         """Prompted examples of all selected templates (see :meth:`prompted_with_report`)."""
@@ -505,6 +629,34 @@ def _preprocess_batch(batch: dict[str, list], indices: list[int], calls: list, j
     return out
 
 
+def _prompted_batch(batch: dict[str, list], indices: list[int], columns: PromptedColumns, template: str, task: str,
+                    dataset: str, offset: int) -> dict[str, list]:
+    out: dict[str, list] = {k: [] for k in list(PROMPTED_FEATURES) + list(_SKIP_COLUMNS)}
+    choices = batch[columns.answer_choices] if columns.answer_choices else [None] * len(indices)
+    names = batch[columns.template_column] if columns.template_column else [template] * len(indices)
+    for index, inputs, targets, options, name in zip(indices, batch[columns.inputs], batch[columns.targets],
+                                                      choices, names):
+        targets = [targets] if isinstance(targets, str) else list(targets or [])
+        reason, detail = "", ""
+        if inputs is None or targets is None:
+            reason, detail = SKIP_MISSING_FIELD, columns.inputs if inputs is None else columns.targets
+        elif not inputs:
+            reason = SKIP_EMPTY_INPUT
+        elif not targets or not all(targets):
+            reason = SKIP_EMPTY_TARGET
+        keep = not reason
+        out["inputs"].append(inputs if keep else "")
+        out["targets"].append(targets if keep else [])
+        out["answer_choices"].append(list(options or []) if keep else [])
+        out["task"].append(task)
+        out["dataset"].append(dataset)
+        out["template"].append(str(name))
+        out["example_index"].append(offset + index)
+        out["_skip_reason"].append(reason)
+        out["_skip_detail"].append(detail)
+    return out
+
+
 def _render_batch(batch: dict[str, list], indices: list[int], template: dict, task: str, dataset: str,
                   max_field_chars: Optional[int], row_ids: Optional[list[int]] = None) -> dict[str, list]:
     spec = dict(template)
@@ -546,6 +698,7 @@ class TaskFile:
     tasks: dict[str, Task]
     own_tasks: list[str]
     sections: dict[str, Any]
+    groups: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # prompted task -> its language tasks
 
 
 def _check_keys(mapping: Any, allowed: Sequence[str], where: str) -> dict:
@@ -563,12 +716,22 @@ def _resolve(base: Path, p: str) -> str:
     return str((base / os.path.expanduser(p)).resolve())
 
 
-def _as_files(value: Any, base: Path, where: str) -> tuple[str, ...]:
+_DATA_ROOT_VARS = ("${" + DATA_ROOT_ENV + "}", "$" + DATA_ROOT_ENV)
+
+
+def _as_files(value: Any, base: Path, where: str, data_root: Optional[str] = None) -> tuple[str, ...]:
+    """Absolute data files: relative to ``base``, globs expanded, ``${MTF_DATA_ROOT}`` replaced by ``data_root``."""
     files = [value] if isinstance(value, str) else value
     if not isinstance(files, list) or not files or not all(isinstance(f, str) for f in files):
         raise ConfigError(f"{where}: data_files must be a path or a list of paths")
     out: list[str] = []
     for f in files:
+        if any(v in f for v in _DATA_ROOT_VARS):  # large corpora (xP3) live outside the project
+            if not data_root:
+                raise ConfigError(f"{where}: {f!r} starts from ${DATA_ROOT_ENV}, which is not set. Point it at the "
+                                  f"folder that holds the data (export {DATA_ROOT_ENV}=/data, or data.data_root in "
+                                  "the run config); the README's 'Crosslingual training' section gives the layout.")
+            f = f.replace(_DATA_ROOT_VARS[0], data_root).replace(_DATA_ROOT_VARS[1], data_root)
         resolved = _resolve(base, f)
         if glob.has_magic(resolved):  # shards like train-*.jsonl, as datasets accepts them
             matches = sorted(glob.glob(resolved))
@@ -587,14 +750,21 @@ def _type_from_files(files: Sequence[str], where: str) -> str:
     return types.pop()  # type: ignore[return-value]
 
 
-def _parse_task(raw: Any, base: Path, path: str, registry: PreprocessorRegistry) -> Task:
+def _parse_task(raw: Any, base: Path, path: str, registry: PreprocessorRegistry,
+                data_root: Optional[str] = None) -> list[Task]:
+    """The task a ``tasks:`` entry defines; a prompted-file task whose language comes from paths or a column
+    becomes one task per language (:func:`_split_by_language`)."""
     where = f"{path}: tasks[{raw.get('name', '?') if isinstance(raw, dict) else '?'}]"
     _check_keys(raw, TASK_KEYS, where)
-    for key in ("name", "source", "split", "templates", "metadata"):
+    for key in ("name", "source", "split", "metadata"):
         if key not in raw:
             raise ConfigError(f"{where}: missing required key {key!r}")
     name = str(raw["name"])
     where = f"{path}: task {name!r}"
+    if ("templates" in raw) == ("prompted" in raw):
+        raise ConfigError(f"{where}: give exactly one of `templates` (PromptSource templates render the rows) or "
+                          "`prompted` (the rows are already prompted, e.g. xP3's jsonl: "
+                          "`prompted: {inputs: inputs, targets: targets}`)")
 
     src = _check_keys(raw["source"], sorted({k for ks in SOURCE_KEYS.values() for k in ks}), f"{where}.source")
     stype = src.get("type")
@@ -621,7 +791,7 @@ def _parse_task(raw: Any, base: Path, path: str, registry: PreprocessorRegistry)
                 raise ConfigError(f"{where}.source.join: needs type (one of {LOCAL_TYPES}), data_files and key")
             join = JoinSpec(type=j["type"], data_files=_as_files(j["data_files"], base, f"{where}.source.join"),
                             on=str(j["key"]))
-        source = SourceSpec(type=stype, data_files={str(s): _as_files(f, base, f"{where}.source.data_files")
+        source = SourceSpec(type=stype, data_files={str(s): _as_files(f, base, f"{where}.source.data_files", data_root)
                                                     for s, f in df.items()},
                             fields=tuple(src["fields"]) if src.get("fields") else None, join=join)
 
@@ -641,19 +811,92 @@ def _parse_task(raw: Any, base: Path, path: str, registry: PreprocessorRegistry)
         registry.check_args(str(p["name"]), args, at)
         calls.append(PreprocessorCall(name=str(p["name"]), args=args))
 
-    t = _check_keys(raw["templates"], TEMPLATE_KEYS, f"{where}.templates")
-    if not t.get("file"):
-        raise ConfigError(f"{where}.templates: 'file' (a PromptSource templates.yaml) is required")
-    tuple_or_none = lambda v: None if v is None else tuple(v if isinstance(v, list) else [v])  # noqa: E731
-    templates = TemplateSelection(file=_resolve(base, t["file"]), names=tuple_or_none(t.get("names")),
-                                  original_task=t.get("original_task"), choices_in_prompt=t.get("choices_in_prompt"),
-                                  languages=tuple_or_none(t.get("languages")))
+    templates, prompted, language_from = None, None, None
+    if "templates" in raw:
+        t = _check_keys(raw["templates"], TEMPLATE_KEYS, f"{where}.templates")
+        if not t.get("file"):
+            raise ConfigError(f"{where}.templates: 'file' (a PromptSource templates.yaml) is required")
+        tuple_or_none = lambda v: None if v is None else tuple(v if isinstance(v, list) else [v])  # noqa: E731
+        templates = TemplateSelection(file=_resolve(base, t["file"]), names=tuple_or_none(t.get("names")),
+                                      original_task=t.get("original_task"), choices_in_prompt=t.get("choices_in_prompt"),
+                                      languages=tuple_or_none(t.get("languages")))
+    else:
+        prompted, language_from = _parse_prompted(raw["prompted"], source, f"{where}.prompted")
+        if "few_shot" in raw:
+            raise ConfigError(f"{where}.few_shot: a prompted-file task has no few-shot draw; export the drawn rows "
+                              "instead, or render the source rows with `templates:`.")
     m = _check_keys(raw["metadata"], METADATA_KEYS, f"{where}.metadata")
     if not m.get("dataset"):
         raise ConfigError(f"{where}.metadata: 'dataset' (e.g. super_glue/rte) is required")
-    metadata = TaskMetadata(dataset=str(m["dataset"]), cluster=m.get("cluster"), language=m.get("language"))
-    return Task(name=name, source=source, split=str(raw["split"]), preprocessors=tuple(calls),
-                templates=templates, metadata=metadata, file=path, few_shot=parse_few_shot(raw.get("few_shot"), where))
+    str_or_none = lambda v: None if v is None else str(v)  # noqa: E731
+    metadata = TaskMetadata(dataset=str(m["dataset"]), cluster=m.get("cluster"), language=str_or_none(m.get("language")),
+                            prompts=str_or_none(m.get("prompts")))
+    if language_from is not None and metadata.language is not None:
+        raise ConfigError(f"{where}: the language comes from `prompted.language` ({language_from}) and from "
+                          f"`metadata.language` ({metadata.language}); keep one.")
+    task = Task(name=name, source=source, split=str(raw["split"]), preprocessors=tuple(calls),
+                templates=templates, metadata=metadata, file=path, few_shot=parse_few_shot(raw.get("few_shot"), where),
+                prompted_columns=prompted)
+    return [task] if language_from is None else _split_by_language(task, language_from, where)
+
+
+def _parse_prompted(raw: Any, source: SourceSpec, where: str) -> tuple[PromptedColumns, Any]:
+    """(the columns of a ``prompted:`` section, where its language comes from: None, "path" or ("column", c))."""
+    p = _check_keys({} if raw is None else raw, PROMPTED_KEYS, where)
+    for key in ("inputs", "targets", "answer_choices"):
+        if p.get(key) is not None and not isinstance(p[key], str):
+            raise ConfigError(f"{where}.{key}: the name of a column, got {p[key]!r}")
+    template, template_column = p.get("template"), None
+    if isinstance(template, dict):
+        template_column = str(_check_keys(template, ("column",), f"{where}.template")["column"])
+        template = None
+    elif template is not None:
+        template = str(template)
+    language = p.get("language")
+    if language == "path":
+        if source.type == "hub":
+            raise ConfigError(f"{where}.language: `path` takes each file's folder as its language; a hub source has "
+                              "no files. Use `{column: NAME}` or metadata.language.")
+        language = "path"
+    elif isinstance(language, dict) and set(language) == {"column"}:
+        language = ("column", str(language["column"]))
+    elif language is not None:
+        raise ConfigError(f"{where}.language: `path` (each file's folder names its language, xP3's layout "
+                          f"<lang>/<file>.jsonl) or `{{column: NAME}}`, got {language!r}. Without it the task's "
+                          "language is metadata.language.")
+    columns = PromptedColumns(inputs=p.get("inputs") or "inputs", targets=p.get("targets") or "targets",
+                              answer_choices=p.get("answer_choices"), template=template, template_column=template_column)
+    return columns, language
+
+
+def _split_by_language(task: Task, language_from: Any, where: str) -> list[Task]:
+    """One task per language, ``<name>.<language>``: by each file's folder, or by a column's values."""
+    out = []
+    if language_from == "path":
+        codes: dict[str, dict[str, list[str]]] = {}
+        for split, files in task.source.data_files.items():
+            for f in files:
+                codes.setdefault(Path(f).parent.name, {}).setdefault(split, []).append(f)
+        for code, by_split in sorted(codes.items()):
+            out.append(dataclasses.replace(
+                task, name=f"{task.name}{LANGUAGE_SEPARATOR}{code}",
+                source=dataclasses.replace(task.source, data_files={s: tuple(fs) for s, fs in by_split.items()}),
+                metadata=dataclasses.replace(task.metadata, language=code)))
+        return out
+    column = language_from[1]
+    files = task.source.data_files.get(task.split, ())
+    seen: dict[str, None] = {}
+    for file, lineno, row in _read_records_unchecked(task.source.type, files, task.source.fields, task.name):
+        if column not in row:
+            raise ConfigError(f"{where}.language: {file}:{lineno} has no column {column!r}; its columns: {sorted(row)}")
+        seen.setdefault(str(row[column]), None)
+    for code in sorted(seen):
+        columns = dataclasses.replace(task.prompted_columns, language_filter=(column, code))
+        out.append(dataclasses.replace(task, name=f"{task.name}{LANGUAGE_SEPARATOR}{code}", prompted_columns=columns,
+                                       metadata=dataclasses.replace(task.metadata, language=code)))
+    if not out:
+        raise ConfigError(f"{where}.language: no rows in {list(files)} to read languages from")
+    return out
 
 
 def load_task_file(path: str | Path, *, data_files: Optional[Mapping[str, Any]] = None,
@@ -689,6 +932,7 @@ def load_task_file(path: str | Path, *, data_files: Optional[Mapping[str, Any]] 
     if not isinstance(doc, dict):
         raise ConfigError(f"{p}: expected a mapping at the top level (with a 'tasks' list)")
     tasks: dict[str, Task] = {}
+    groups: dict[str, list[str]] = {}
     root = data_root if data_root is not None else os.environ.get(DATA_ROOT_ENV)
     for inc in doc.get("include") or []:
         sub = load_task_file(_resolve(p.parent, str(inc)), data_root=root, registry=registry, _seen=seen + (str(p),))
@@ -696,17 +940,21 @@ def load_task_file(path: str | Path, *, data_files: Optional[Mapping[str, Any]] 
             if name in tasks:
                 raise ConfigError(f"{p}: task {name!r} is defined twice ({tasks[name].file} and {task.file})")
             tasks[name] = task
+        groups.update(sub.groups)
     raw_tasks = doc.get("tasks") or []
     if not isinstance(raw_tasks, list):
         raise ConfigError(f"{p}: 'tasks' must be a list of task definitions")
     own = []
     for raw in raw_tasks:
-        task = _parse_task(raw, p.parent, str(p), registry)
-        if task.name in tasks:
-            raise ConfigError(f"{p}: task {task.name!r} is defined twice ({tasks[task.name].file} and {p})")
-        task.data_root = root
-        tasks[task.name] = task
-        own.append(task.name)
+        parsed = _parse_task(raw, p.parent, str(p), registry, root)
+        if parsed[0].name != str(raw["name"]):  # split by language: the task's name stands for all of them
+            groups[str(raw["name"])] = [task.name for task in parsed]
+        for task in parsed:
+            if task.name in tasks:
+                raise ConfigError(f"{p}: task {task.name!r} is defined twice ({tasks[task.name].file} and {p})")
+            task.data_root = root
+            tasks[task.name] = task
+            own.append(task.name)
     for name, files in (data_files or {}).items():
         if name not in tasks:
             close = difflib.get_close_matches(name, list(tasks), n=1)
@@ -718,7 +966,7 @@ def load_task_file(path: str | Path, *, data_files: Optional[Mapping[str, Any]] 
         ftype = _type_from_files([f for fs in resolved.values() for f in fs], f"data_files[{name}]")
         tasks[name] = dataclasses.replace(t, source=SourceSpec(type=ftype, data_files=resolved))
     sections = {k: v for k, v in doc.items() if k not in FILE_KEYS}
-    return TaskFile(path=str(p), tasks=tasks, own_tasks=own, sections=sections)
+    return TaskFile(path=str(p), tasks=tasks, own_tasks=own, sections=sections, groups=groups)
 
 
 # --------------------------------------------------------------------------------------- registry
@@ -852,6 +1100,10 @@ def preview(task_or_file: Union[Task, TaskFile, str, Path], n: int = 3, *,
     tasks = list(task_or_file.tasks.values()) if isinstance(task_or_file, TaskFile) else [task_or_file]
     out = []
     for task in tasks:
+        if task.prompted_columns is not None:  # already prompted: the first rows as they are
+            out.extend({**row, "template_file": task.prompt_files()[0] if task.prompt_files() else "", "skipped": "",
+                        "skip_detail": ""} for row in task.prompted(n).to_list())
+            continue
         rows, draw = task.load_rows(n)
         for tpl in task.select_templates():
             for i, row in enumerate(rows):
@@ -874,6 +1126,8 @@ def lint_data(task_file: Union[TaskFile, str, Path], max_examples: Optional[int]
     tf = task_file if isinstance(task_file, TaskFile) else load_task_file(task_file, **load_kwargs)
     data: dict[str, list[dict]] = {}
     for task in tf.tasks.values():
+        if task.prompted_columns is not None:  # no template to lint
+            continue
         try:
             rows = task.load(max_examples)
         except DataError:

@@ -176,13 +176,16 @@ def aggregate(
             summary["length_normalized"] = _summary(ln)
         summary["cluster"] = cluster_of.get(dataset, "other")
         summary["language"] = language_of.get(dataset, "en")
+        summary["prompts"] = prompts_of(dataset)
         datasets[dataset] = summary
 
     def by(key: str) -> dict[str, dict]:
         groups: dict[str, list[str]] = defaultdict(list)
         for d, s in datasets.items():
-            if s["median"] is not None:
-                groups[s[key]].append(d)
+            if s["median"] is None or s[key] is None:
+                continue
+            # a language under a prompt setting is its own group (sw@mt, sw@en), as BLOOMZ reports them
+            groups[s[key] if key == "prompts" or s["prompts"] is None else f"{s[key]}@{s['prompts']}"].append(d)
         return {
             g: {
                 "mean": statistics.fmean(datasets[d]["median"] for d in ds),
@@ -198,7 +201,13 @@ def aggregate(
         "datasets": datasets,
         "clusters": by("cluster"),
         "languages": by("language"),
+        **({"prompt_settings": by("prompts")} if any(s["prompts"] for s in datasets.values()) else {}),
     }
+
+
+def prompts_of(group: str) -> str | None:
+    """The prompt setting of an eval group ``dataset@prompts`` (:attr:`TaskMetadata.eval_group`), or None."""
+    return group.partition("@")[2] or None
 
 
 def flatten_for_logging(results: Mapping) -> dict[str, float]:
@@ -215,7 +224,7 @@ def flatten_for_logging(results: Mapping) -> dict[str, float]:
                 flat[f"eval/{dataset}/{key}"] = float(s[key])
         if "length_normalized" in s and s["length_normalized"]["median"] is not None:
             flat[f"eval/{dataset}/length_normalized_median"] = float(s["length_normalized"]["median"])
-    for section, prefix in (("clusters", "cluster"), ("languages", "language")):
+    for section, prefix in (("clusters", "cluster"), ("languages", "language"), ("prompt_settings", "prompts")):
         for name, s in results.get(section, {}).items():
             flat[f"eval/{prefix}/{name}/mean"] = float(s["mean"])
     return flat
@@ -262,6 +271,32 @@ def scoring_line(scoring: Mapping | None) -> str:
             f"separator {scoring.get('choice_separator')!r}, {tokenization}, {specials}{files}")
 
 
+def language_grid(results: Mapping, zero_shot: Sequence[str] = ()) -> list[str]:
+    """Per language (rows) and prompt setting (columns): the mean of the dataset medians, BLOOMZ's XCOPA table.
+
+    Empty when no eval group has a prompt setting. ``zero_shot``: languages marked as never trained on.
+    """
+    settings = list(results.get("prompt_settings") or {})
+    if not settings:
+        return []
+    cells: dict[str, dict[str, float]] = defaultdict(dict)
+    for name, s in results["languages"].items():
+        language, _, setting = name.partition("@")
+        if setting:  # groups without a prompt setting keep their own line above
+            cells[language][setting] = s["mean"]
+    zero_shot = set(zero_shot or results.get("zero_shot_languages") or ())
+    head = f"{'language':<10}" + "".join(f"{setting + ' prompts':>14}" for setting in settings) + \
+        ("  zero-shot" if zero_shot else "")
+    lines = ["", "per language, mean of dataset medians (each dataset: median over its templates)", head,
+             "-" * len(head)]
+    for language in sorted(cells):
+        row = "".join(f"{_fmt(cells[language].get(setting)):>14}" for setting in settings)
+        lines.append(f"{language:<10}{row}" + (("  yes" if language in zero_shot else "  no") if zero_shot else ""))
+    medians = "".join(f"{_fmt(results['prompt_settings'][setting]['median']):>14}" for setting in settings)
+    lines += ["-" * len(head), f"{'median':<10}{medians}"]
+    return lines
+
+
 def format_results_table(results: Mapping) -> str:
     """A fixed-width table: one line per template, then one summary line per dataset.
 
@@ -294,13 +329,19 @@ def format_results_table(results: Mapping) -> str:
         lines.append(
             f"{dataset[:28]:<28} {over:<36} "
             f"min {_fmt(s['min'])} mean {_fmt(s['mean'])} max {_fmt(s['max'])}  median {_fmt(s['median'])}"
-            f"{extra}  [{s['cluster']}, {s['language']}]" + (f"  ({s['note']})" if s.get("note") else "")
+            f"{extra}  [{s['cluster']}, {s['language']}" + (f", {s['prompts']} prompts" if s.get("prompts") else "")
+            + "]" + (f"  ({s['note']})" if s.get("note") else "")
         )
-    for section in ("clusters", "languages"):
+    grid = language_grid(results)
+    for section in ("clusters", "languages", "prompt_settings"):
         for name, s in results.get(section, {}).items():
+            if grid and section == "languages" and "@" in name:
+                continue  # the grid below shows them
             lines.append(
-                f"{section[:-1]} {name}: mean of dataset medians {_fmt(s['mean'])} ({len(s['datasets'])} datasets)"
+                f"{section[:-1].replace('_', ' ')} {name}: mean of dataset medians {_fmt(s['mean'])} "
+                f"({len(s['datasets'])} datasets)"
             )
+    lines.extend(grid)
     protocol = results.get("protocol") or describe_protocol("t0", DEFAULT_PROTOCOL_SEEDS, False)  # older files
     scoring = "mean token log-probability (length-normalised)" if protocol.get("length_normalized") else \
         "summed log-probability"

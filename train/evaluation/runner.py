@@ -56,8 +56,8 @@ def mixture_pairs(mixture: str) -> list[Pair]:
 
     pairs: dict[Pair, None] = {}  # an ordered set: ANLI's three rounds share ("anli", template) pairs
     for task in load_task_file(mixture).tasks.values():
-        for template in task.select_templates():
-            pairs.setdefault((task.metadata.dataset, template.name), None)
+        for name in task.template_names():
+            pairs.setdefault((task.metadata.eval_group, name), None)
     if not pairs:
         raise ConfigError(f"{mixture}: the eval mixture defines no tasks; add a `tasks:` list.")
     return list(pairs)
@@ -125,8 +125,8 @@ def load_examples(mixture: str, pairs: Optional[list[Pair]] = None,
     clusters: dict[str, str] = {}
     languages: dict[str, str] = {}
     for task in load_task_file(mixture).tasks.values():
-        dataset = task.metadata.dataset
-        if not any((dataset, t.name) in wanted for t in task.select_templates()):
+        dataset = task.metadata.eval_group
+        if not any((dataset, name) in wanted for name in task.template_names()):
             continue
         if task.metadata.cluster:
             clusters[dataset] = task.metadata.cluster
@@ -154,13 +154,13 @@ def prompt_files(mixture: str, pairs: Optional[list[Pair]] = None) -> dict[str, 
     wanted = set(pairs) if pairs is not None else None
     out: dict[str, dict] = {}
     for task in load_task_file(mixture).tasks.values():
-        names = [t.name for t in task.select_templates()
-                 if wanted is None or (task.metadata.dataset, t.name) in wanted]
+        group = task.metadata.eval_group
+        names = [name for name in task.template_names() if wanted is None or (group, name) in wanted]
         if not names:
             continue
-        path = Path(task.select_templates()[0].file)
+        path = Path(task.prompt_files()[0])
         digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
-        entry = out.setdefault(task.metadata.dataset, {"file": str(path), "sha256": digest, "templates": []})
+        entry = out.setdefault(group, {"file": str(path), "sha256": digest, "templates": []})
         entry["templates"] = sorted(set(entry["templates"]) | set(names))
     return out
 
@@ -397,6 +397,9 @@ def run_eval_command(*, model_dir: str, mixture: str, kind: str = "auto", tokeni
                        protocol=protocol, protocol_seeds=protocol_seeds, length_normalized=length_normalized,
                        scoring=convention, prompts=prompt_files(mixture, pairs))
     results.setdefault("meta", {}).update({"model": str(model_dir), "mixture": str(mixture), "shard": shard_meta})
+    zero_shot = zero_shot_languages(mixture)
+    if zero_shot:
+        results["zero_shot_languages"] = zero_shot
     if not accelerator.is_main_process:
         return None
     if output:
@@ -584,7 +587,18 @@ def merge_results(paths: list[str], mixture: Optional[str] = None, *, protocol: 
         merged["scoring"] = {**scoring, "score": "mean token log-probability (length-normalised)" if ln
                              else "summed token log-probability"}
     merged["meta"] = _merged_meta(paths, docs)
+    zero_shot = sorted({code for doc in docs for code in doc.get("zero_shot_languages") or ()})
+    if zero_shot:
+        merged["zero_shot_languages"] = zero_shot
     return merged
+
+
+def zero_shot_languages(mixture: str) -> list[str]:
+    """The languages an eval mixture scores zero-shot (its ``eval.held_out_languages``), for the language table."""
+    from train.data.pipeline import held_out_languages_of
+    from train.data.tasks import load_task_file
+
+    return held_out_languages_of(load_task_file(mixture))
 
 
 def _merged_scoring(paths: list[str], docs: list[dict]) -> Optional[dict]:

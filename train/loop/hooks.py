@@ -245,6 +245,12 @@ class EvalHook:
         results = self._evaluator(ctx, cap)(ctx.model, accelerator=ctx.accelerator, batch_size=self.cfg.batch_size)
         ctx.model.train()
         results["step"] = ctx.step
+        if self.cfg.mixture:
+            from train.evaluation.runner import zero_shot_languages
+
+            zero_shot = zero_shot_languages(self.cfg.mixture)
+            if zero_shot:
+                results["zero_shot_languages"] = zero_shot
         ctx.eval_results = results
         if ctx.accelerator.is_main_process:
             out = Path(ctx.cfg.run.output_dir) / "eval"

@@ -56,6 +56,7 @@ def validate_run(config_path: str, overrides: list[str]) -> dict[str, Any]:
         def guard():
             held, clusters = pipeline.held_out_of(eval_file)
             check_held_out(loaded[1].values(), held, clusters, allow=cfg.eval.allow_held_out_overlap)
+            pipeline.check_held_out_languages(loaded[1].values(), eval_file)
 
         attempt("held-out guard: training does not contain eval datasets", guard)
     tasks = dict(loaded[1]) if loaded else {}

@@ -175,6 +175,26 @@ def _training_section(runs: Sequence[RunData], image: bytes) -> str:
             f"a centred moving mean over 1/{plots.SMOOTHING} of the points; log scale.</p>{_img(image, 'training curves')}{table}</section>")
 
 
+def _language_grid(finals: dict, names: list[str]) -> str:
+    """Per language and prompt setting, each run's mean of dataset medians (BLOOMZ's XCOPA table); empty when
+    no eval group has a prompt setting (``metadata.prompts``)."""
+    settings = sorted({p for n in names for p in finals[n].get("prompt_settings") or {}})
+    if not settings:
+        return ""
+    zero_shot = {code for n in names for code in finals[n].get("zero_shot_languages") or ()}
+    languages = sorted({g.partition("@")[0] for n in names for g in finals[n].get("languages", {}) if "@" in g})
+    rows = []
+    for language in languages:
+        cells = [_pct(finals[n].get("languages", {}).get(f"{language}@{p}", {}).get("mean")) for p in settings for n in names]
+        rows.append([_e(language)] + (["yes" if language in zero_shot else "no"] if zero_shot else []) + cells)
+    head = ["language"] + (["zero-shot"] if zero_shot else []) + [
+        f"{p} prompts" + (f": {n}" if len(names) > 1 else "") for p in settings for n in names]
+    return ("<h3>Per language and prompt setting (%, mean of the dataset medians)</h3>"
+            "<p class='muted'>Each dataset@prompts group is the median over its templates; zero-shot languages are "
+            "the eval mixture's <code>eval.held_out_languages</code>.</p>"
+            + _table(head, rows, numeric_from=2 if zero_shot else 1))
+
+
 def _eval_section(runs: Sequence[RunData], image: bytes) -> str:
     parts = ["<section id='eval'><h2>Zero-shot evaluation</h2>", _img(image, "evaluation curves")]
     finals = {run.name: run.evals[-1] for run in runs if run.evals}
@@ -191,10 +211,11 @@ def _eval_section(runs: Sequence[RunData], image: bytes) -> str:
         cells = [(f"<span class='best'>{_pct(v)}</span>" if len(names) > 1 and v is not None and v == best else _pct(v))
                  for v in values]
         meta = finals[names[0]]["datasets"].get(d, {})
-        rows.append([_e(d), _fmt(meta.get("num_templates"))] + cells)
+        rows.append([_e(d), _e(meta.get("prompts") or "–"), _fmt(meta.get("num_templates"))] + cells)
     steps = ", ".join(f"{_e(n)}: step {finals[n].get('step')}" for n in names)
     parts.append(f"<h3>Final results: {_e(protocol_label(runs))} (%)</h3><p class='muted'>{steps}</p>")
-    parts.append(_table(["dataset", "templates"] + names, rows))
+    parts.append(_table(["dataset", "prompts", "templates"] + names, rows, numeric_from=2))
+    parts.append(_language_grid(finals, names))
     # Per template: score (and length-normalised) per run.
     rows = []
     for d in datasets:
