@@ -53,7 +53,8 @@ def test_mixture_show_json_and_plot(tmp_path, capsys):
 def test_templates_lint_and_tasks_preview_json(capsys):
     assert main(["templates", "lint", "data_mixtures/templates", "--json"]) == 0
     lint = json.loads(capsys.readouterr().out)
-    assert lint["summary"]["files"] == 4 and lint["summary"]["load_errors"] == 0
+    # the 4 demo template files and the 12 XCOPA ones (English + 11 languages, xp3mt branch)
+    assert lint["summary"]["files"] == 16 and lint["summary"]["load_errors"] == 0
     assert main(["tasks", "preview", "data_mixtures/demo_eval.yaml:super_glue_copa", "--n", "1", "--json"]) == 0
     examples = json.loads(capsys.readouterr().out)
     assert len(examples) == 12 and all(e["task"] == "super_glue_copa" for e in examples)
