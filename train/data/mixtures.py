@@ -236,18 +236,22 @@ def _number(value: Any, where: str, *, minimum: float, inclusive: bool) -> float
     return float(value)
 
 
-def _parse_rate(raw: Any, where: str) -> RateSpec:
+def _rate_type(raw: Any, kinds: Mapping[str, Sequence[str]], where: str, example: str) -> str:
+    """The ``type`` of a rate mapping, its keys checked against that type's (``kinds``: type -> keys)."""
     if not isinstance(raw, Mapping) or "type" not in raw:
-        raise ConfigError(
-            f"{where} must be a mapping with a 'type' (one of {', '.join(RATE_KEYS)}), got {raw!r}. "
-            "Example: rate: {type: examples_proportional, maximum: 500000}"
-        )
+        raise ConfigError(f"{where} must be a mapping with a 'type' (one of {', '.join(kinds)}), got {raw!r}. "
+                          f"Example: {example}")
     rate_type = raw["type"]
-    if rate_type not in RATE_KEYS:
-        close = difflib.get_close_matches(str(rate_type), list(RATE_KEYS), n=1)
+    if rate_type not in kinds:
+        close = difflib.get_close_matches(str(rate_type), list(kinds), n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"{where}.type: unknown rate type '{rate_type}'.{hint} Valid types: {', '.join(RATE_KEYS)}.")
-    _check_keys(raw, RATE_KEYS[rate_type], where)
+        raise ConfigError(f"{where}.type: unknown rate type '{rate_type}'.{hint} Valid types: {', '.join(kinds)}.")
+    _check_keys(raw, kinds[rate_type], where)
+    return rate_type
+
+
+def _parse_rate(raw: Any, where: str) -> RateSpec:
+    rate_type = _rate_type(raw, RATE_KEYS, where, "rate: {type: examples_proportional, maximum: 500000}")
     maximum = raw.get("maximum")
     if maximum is not None:
         maximum = _number(maximum, f"{where}.maximum", minimum=0, inclusive=False)
@@ -266,18 +270,7 @@ def _parse_rate(raw: Any, where: str) -> RateSpec:
 
 
 def _parse_languages(raw: Any, where: str) -> LanguageSpec:
-    if not isinstance(raw, Mapping) or "type" not in raw:
-        raise ConfigError(
-            f"{where} must be a mapping with a 'type' (one of {', '.join(LANGUAGE_RATE_KEYS)}), got {raw!r}. "
-            "Example: languages: {type: temperature, alpha: 0.3}"
-        )
-    rate_type = raw["type"]
-    if rate_type not in LANGUAGE_RATE_KEYS:
-        close = difflib.get_close_matches(str(rate_type), list(LANGUAGE_RATE_KEYS), n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"{where}.type: unknown language rate type '{rate_type}'.{hint} "
-                          f"Valid types: {', '.join(LANGUAGE_RATE_KEYS)}.")
-    _check_keys(raw, LANGUAGE_RATE_KEYS[rate_type], where)
+    rate_type = _rate_type(raw, LANGUAGE_RATE_KEYS, where, "languages: {type: temperature, alpha: 0.3}")
     if rate_type == "weights":
         table = raw.get("weights")
         if not isinstance(table, Mapping) or not table:
