@@ -14,10 +14,15 @@ The pooled figures are also written as JSON (``--json-out``, default runs/bench/
 run with ``--check-against`` that file measures everything again the same way and, instead of replacing
 the tables, writes which of its ratios fall inside the first run's spreads (the "Rerun check" section).
 
+``--pool A.json B.json ...`` measures nothing: it pools the rounds of earlier runs' JSON (each already pooled
+over its invocations) into one set of figures and writes the tables from them, as if they were one run with
+all their processes; their spreads then cover the conditions of every run pooled.
+
 Usage::
 
     python scripts/write_benchmarks.py [--out BENCHMARKS.md] [--invocations 2] [--repeats 3] [--quick]
     python scripts/write_benchmarks.py --check-against runs/bench/results.json   # make bench-check
+    python scripts/write_benchmarks.py --pool runs/bench/results.json runs/bench/results.check.json
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import platform
 import statistics
 import subprocess
 import sys
+from typing import Any
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -303,6 +309,36 @@ def rerun_check(previous: dict, current: dict) -> tuple[str, int, int]:
     return "\n".join(lines + [RERUN_END]) + "\n", len(inside), len(names)
 
 
+def _set_invocations(tree: Any, total: int) -> None:
+    """Every ``invocations`` count in a pooled result (per benchmark, per training kind, per eval task)."""
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            if key == "invocations":
+                tree[key] = total
+            else:
+                _set_invocations(value, total)
+
+
+def pool_results(docs: list[dict]) -> dict:
+    """Earlier runs' results JSONs pooled into one, as if they were one run with all their processes.
+
+    Raises:
+        SystemExit: the runs used different repeats per process, or a figure that does not depend on timing
+            (packing efficiency, rows built) differs between them.
+    """
+    repeats = {d["repeats_per_invocation"] for d in docs}
+    if len(repeats) != 1:
+        raise SystemExit(f"--pool: the runs have different --repeats ({sorted(repeats)}); pool runs made alike")
+    out = {"packing": pool_packing([d["packing"] for d in docs]), "mixture": pool_mixture([d["mixture"] for d in docs]),
+           "eval": pool_eval([d["eval"] for d in docs]), "data_ranks": pool_data_ranks([d["data_ranks"] for d in docs])}
+    total = sum(d["invocations"] for d in docs)
+    _set_invocations(out, total)
+    commits = sorted({d["commit"] for d in docs})
+    return {**out, "invocations": total, "repeats_per_invocation": repeats.pop(), "machine": docs[0]["machine"],
+            "date": max(d["date"] for d in docs), "commit": ", ".join(commits),
+            "command": " + ".join(f"`{d['command']}`" for d in docs)}
+
+
 def git_commit() -> str:
     proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=False)
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!BENCHMARKS.md"],
@@ -343,6 +379,8 @@ def main() -> None:
                         help="measure again and write only the Rerun check section: which ratios fall inside the "
                              "spreads of that earlier run (its --json-out)")
     parser.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run, not for publishing)")
+    parser.add_argument("--pool", nargs="+", default=None, metavar="RESULTS_JSON",
+                        help="measure nothing: pool these earlier runs' --json-out files and write the tables")
     parser.add_argument("--pin-cpu", type=int, default=None, metavar="CPU",
                         help="run every benchmark process on this one CPU core (Linux), so other work on the machine "
                              "can be kept on the other cores; every arm is single-threaded, data prefetch included")
@@ -358,13 +396,19 @@ def main() -> None:
             parser.error(f"--check-against {path}: no such file; it is the --json-out of an earlier "
                          "`python scripts/write_benchmarks.py` (make bench writes runs/bench/results.json)")
         previous = json.loads(path.read_text(encoding="utf-8"))
-    import torch
+    if args.pool:
+        missing = [p for p in args.pool if not Path(p).is_file()]
+        if missing:
+            parser.error(f"--pool: no such file: {', '.join(missing)}")
+        results = pool_results([json.loads(Path(p).read_text(encoding="utf-8")) for p in args.pool])
+    else:
+        import torch
 
-    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, " + (
-        torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU")
-    command = "python scripts/write_benchmarks.py " + " ".join(sys.argv[1:])
-    results = {**measure(args), "machine": machine, "date": datetime.date.today().isoformat(),
-               "commit": git_commit(), "command": command.strip()}
+        machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, " + (
+            torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU")
+        command = "python scripts/write_benchmarks.py " + " ".join(sys.argv[1:])
+        results = {**measure(args), "machine": machine, "date": datetime.date.today().isoformat(),
+                   "commit": git_commit(), "command": command.strip()}
     json_out = Path(args.json_out)
     if previous is not None and json_out.resolve() == Path(args.check_against).resolve():
         json_out = json_out.with_name(json_out.stem + ".check.json")
@@ -379,12 +423,15 @@ def main() -> None:
         return
 
     packing, mixture, evaluation = results["packing"], results["mixture"], results["eval"]
-    pooled = (f"{args.invocations} independent processes per benchmark, {args.repeats} rounds each, pooled"
-              if args.invocations > 1 else f"{args.repeats} rounds")
+    invocations, repeats = results["invocations"], results["repeats_per_invocation"]
+    pooled = (f"{invocations} independent processes per benchmark, {repeats} rounds each, pooled"
+              if invocations > 1 else f"{repeats} rounds")
+    by = (f"the runs {results['command']} pooled by `python scripts/write_benchmarks.py --pool ...`" if args.pool
+          else f"`{results['command']}` (`make bench`)")
     lines = [
         "# Benchmarks",
         "",
-        f"Measured {results['date']} on {machine}, commit {results['commit']}, by `{results['command']}` (`make bench`).",
+        f"Measured {results['date']} on {results['machine']}, commit {results['commit']}, by {by}.",
         "Ratios compare against a baseline measured in the same run, the arms alternating (order reversed every round),",
         f"warm-up excluded: {pooled}. Rates are median (min–max) over the rounds; a ratio is the ratio of the",
         "medians with the min–max of the per-round ratios as its spread. Absolute rates depend on the machine and its",

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import statistics
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -49,3 +53,31 @@ def test_the_rerun_check_counts_the_ratios_inside_the_earlier_spreads():
     section, n_inside, total = wb.rerun_check(before, outside)
     assert (n_inside, total) == (0, 1) and "**no**" in section
     assert section.startswith(wb.RERUN_BEGIN) and section.rstrip().endswith(wb.RERUN_END)
+
+
+def test_pooling_two_whole_runs_as_one(tmp_path):
+    """Two real `make bench` results (132dc05, 3 processes x 3 rounds each) pooled: 6 processes, 18 rounds, and
+    every spread covers both runs' per-round figures."""
+    fixtures = Path(__file__).parent / "fixtures" / "bench"
+    docs = [json.loads((fixtures / name).read_text(encoding="utf-8"))
+            for name in ("results_132dc05_a.json", "results_132dc05_b.json")]
+    pooled = wb.pool_results(docs)
+    assert pooled["invocations"] == 6 and pooled["eval"]["cosmos_qa (4 choices)"]["invocations"] == 6
+    cosmos = [d["eval"]["cosmos_qa (4 choices)"] for d in docs]
+    assert len(pooled["eval"]["cosmos_qa (4 choices)"]["ratio_per_round"]) == 18
+    before, after = [wb.ratio_spreads(d) for d in docs], wb.ratio_spreads(pooled)
+    for name, spread in after.items():
+        assert spread["min"] <= min(b[name]["min"] for b in before) + 1e-9, name
+        assert spread["max"] >= max(b[name]["max"] for b in before) - 1e-9, name
+    assert min(c["ratio_min"] for c in cosmos) == pytest.approx(pooled["eval"]["cosmos_qa (4 choices)"]["ratio_min"])
+    out = tmp_path / "BENCHMARKS.md"
+    proc = subprocess.run([sys.executable, str(Path(wb.__file__)), "--pool", *(str(fixtures / n) for n in (
+        "results_132dc05_a.json", "results_132dc05_b.json")), "--out", str(out), "--json-out", str(tmp_path / "r.json")],
+        capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = out.read_text(encoding="utf-8")
+    assert "6 independent processes per benchmark, 3 rounds each, pooled" in text and "--pool" in text
+    assert json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))["invocations"] == 6
+    docs[1]["repeats_per_invocation"] = 5
+    with pytest.raises(SystemExit, match="different --repeats"):
+        wb.pool_results(docs)
