@@ -14,10 +14,11 @@ export WANDB_MODE ?= offline
 # DeepSpeed builds a comm op on first use (~29 s); keep the build between runs.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: install demo test test-fast bench bench-check learning-check merge-check clean help
+.PHONY: install demo demo-xmtf test test-fast bench bench-check learning-check merge-check clean help
 
 help:
 	@echo "make demo   - set up .venv and run the demo: train a tiny T5 on data_mixtures/demo_train.yaml, zero-shot eval on COPA"
+	@echo "make demo-xmtf - the multilingual demo: a tiny ByT5 on English tasks + an xP3-format sample, XCOPA in 11 languages"
 	@echo "make test   - set up .venv and run the test suite"
 	@echo "make bench  - run the benchmarks in scripts/ (2 processes each, pooled) and rewrite BENCHMARKS.md"
 	@echo "make bench-check - run them again; BENCHMARKS.md says which ratios land inside make bench's spreads"
@@ -37,6 +38,11 @@ demo: install
 	@rm -rf runs/demo
 	$(VENV)/bin/mtf train configs/demo.yaml
 	$(VENV)/bin/mtf report runs/demo
+
+demo-xmtf: install
+	@rm -rf runs/xmtf_demo
+	$(VENV)/bin/mtf train configs/xmtf_demo.yaml
+	$(VENV)/bin/mtf report runs/xmtf_demo
 
 test: install
 	$(PY) -m pytest -q

@@ -49,6 +49,18 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture
+def xp3_root(tmp_path, monkeypatch) -> Path:
+    """``MTF_DATA_ROOT`` holding a one-row xP3 in xP3's layout (``bigscience/xP3/<language>/<file>.jsonl``), which
+    ``data_mixtures/xp3_train.yaml`` reads; languages en, zh and xP3's ``code`` folder."""
+    for code in ("en", "zh", "code"):
+        folder = tmp_path / "bigscience" / "xP3" / code
+        folder.mkdir(parents=True)
+        (folder / f"xp3_sample_{code}.jsonl").write_text('{"inputs": "1 + 1 =", "targets": "2"}\n', encoding="utf-8")
+    monkeypatch.setenv("MTF_DATA_ROOT", str(tmp_path))
+    return tmp_path
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT

@@ -101,14 +101,10 @@ def test_keys_listing_covers_public_names():
         assert key in keys
 
 
-def test_every_mixture_file_loads_with_its_mixture_section(tmp_path, monkeypatch):
+def test_every_mixture_file_loads_with_its_mixture_section(xp3_root):
     from train.data.pipeline import load_mixture_tasks
     from train.data.tasks import load_task_file
 
-    xp3 = tmp_path / "bigscience" / "xP3" / "en"  # xp3_train.yaml reads ${MTF_DATA_ROOT}/bigscience/xP3/<lang>/
-    xp3.mkdir(parents=True)
-    (xp3 / "sample.jsonl").write_text('{"inputs": "1 + 1 =", "targets": "2"}\n', encoding="utf-8")
-    monkeypatch.setenv("MTF_DATA_ROOT", str(tmp_path))
     files = sorted((REPO / "data_mixtures").glob("*.yaml"))
     assert len(files) >= 8
     with_mixture = 0
