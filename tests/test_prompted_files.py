@@ -163,6 +163,9 @@ def test_missing_inputs_or_targets_name_the_file_and_key(tmp_path):
     (lambda t: t["prompted"].update(input="text"), r"prompted: unknown key 'input'. Did you mean 'inputs'"),
     (lambda t: t["metadata"].update(language="fr"), r"from `prompted\.language` \(path\) and from `metadata\.language`"),
     (lambda t: t.update(few_shot={"k": 4}), "a prompted-file task has no few-shot draw"),
+    (lambda t: t.update(source={"type": "hub", "path": "bigscience/xP3"}), r"prompted\.language: `path` takes each"),
+    (lambda t: t.update(source={"type": "hub", "path": "bigscience/xP3"}, prompted={"language": {"column": "lang"}}),
+     r"prompted\.language: the languages of a column are read from the task's files"),
 ])
 def test_bad_prompted_sections_are_config_errors(tmp_path, change, message):
     folder = tmp_path / "xp3" / "fr"

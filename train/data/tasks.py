@@ -859,6 +859,10 @@ def _parse_prompted(raw: Any, source: SourceSpec, where: str) -> tuple[PromptedC
                               "no files. Use `{column: NAME}` or metadata.language.")
         language = "path"
     elif isinstance(language, dict) and set(language) == {"column"}:
+        if source.type == "hub":
+            raise ConfigError(f"{where}.language: the languages of a column are read from the task's files when the "
+                              "task file loads; a hub source has none. Use local files, or one task per language "
+                              "with metadata.language.")
         language = ("column", str(language["column"]))
     elif language is not None:
         raise ConfigError(f"{where}.language: `path` (each file's folder names its language, xP3's layout "
