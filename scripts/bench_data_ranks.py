@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import sys
 import tempfile
@@ -40,12 +39,7 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))  # benchmarks_md
+from bench_env import REPO  # offline Hugging Face, this checkout first on sys.path: before torch / train
 import benchmarks_md  # noqa: E402
 
 BEGIN, END = "<!-- bench_data_ranks:begin -->", "<!-- bench_data_ranks:end -->"

@@ -26,14 +26,9 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+from bench_env import REPO  # offline Hugging Face, this checkout first on sys.path: before torch / train
 
 import torch  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))  # the alternation discipline
 
 import bench_baselines as bb  # noqa: E402
 from train import evaluation as ev  # noqa: E402

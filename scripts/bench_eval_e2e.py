@@ -56,16 +56,10 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+from bench_env import REPO  # offline Hugging Face, this checkout first on sys.path: before torch / train
 
 import torch  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))  # benchmarks_md
 import benchmarks_md  # noqa: E402
 
 SHARED = Path(os.environ.get("MTF_SHARED_DIR", REPO.parent / "shared")) / "data"

@@ -35,11 +35,11 @@ import platform
 import statistics
 import subprocess
 import sys
-from typing import Any
 from pathlib import Path
+from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
+import bench_env
+from bench_env import REPO
 import bench_baselines as bb  # noqa: E402
 import bench_data_ranks  # noqa: E402
 import benchmarks_md  # noqa: E402
@@ -61,7 +61,7 @@ UNPACKED_TARGET = 1 / 1.3  # issue 19: mtf's unpacked throughput within 1.3x of 
 
 
 def run(script: str, *args: str) -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env = {**os.environ, **bench_env.OFFLINE}
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / script), *args, "--json"], cwd=REPO, env=env,
                           capture_output=True, text=True, check=False)
     if proc.returncode != 0:

@@ -69,7 +69,10 @@ def repo_root() -> Path:
 def load_script(name: str):
     """``scripts/<name>.py`` imported as a module (the scripts are not a package), for tests of their functions."""
     import importlib.util
+    import sys
 
+    if str(REPO_ROOT / "scripts") not in sys.path:  # as when it runs: its own folder first (bench_env, ...)
+        sys.path.insert(0, str(REPO_ROOT / "scripts"))
     spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
