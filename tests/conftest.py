@@ -49,6 +49,22 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture(scope="module")
+def quiet_libraries():
+    """transformers and datasets logging at error level for a module's tests: transformers binds its log handler
+    to the sys.stderr of the moment, which pytest swaps per test, so a later warning on a closed capture prints
+    "--- Logging error --- Traceback" into the next test's output (which CLI tests read)."""
+    import datasets
+    import transformers
+
+    before = transformers.logging.get_verbosity(), datasets.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    datasets.logging.set_verbosity_error()
+    yield
+    transformers.logging.set_verbosity(before[0])
+    datasets.logging.set_verbosity(before[1])
+
+
 @pytest.fixture
 def xp3_root(tmp_path, monkeypatch) -> Path:
     """``MTF_DATA_ROOT`` holding a one-row xP3 in xP3's layout (``bigscience/xP3/<language>/<file>.jsonl``), which

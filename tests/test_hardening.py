@@ -34,18 +34,8 @@ def _in_repo(monkeypatch):
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _quiet_libraries():
-    # transformers binds its log handler to the sys.stderr of the moment, which pytest swaps per test; a
-    # later warning on a closed capture prints "--- Logging error --- Traceback" into the next test.
-    import datasets
-    import transformers
-
-    before = transformers.logging.get_verbosity(), datasets.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    datasets.logging.set_verbosity_error()
+def _quiet_libraries(quiet_libraries):
     yield
-    transformers.logging.set_verbosity(before[0])
-    datasets.logging.set_verbosity(before[1])
 
 
 def _train_args(run: Path, steps: int, *extra: str) -> list[str]:

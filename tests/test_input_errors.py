@@ -29,17 +29,8 @@ def _in_repo(monkeypatch):
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _quiet_libraries():
-    # As in test_hardening: transformers binds its log handler to pytest's per-test stderr capture.
-    import datasets
-    import transformers
-
-    before = transformers.logging.get_verbosity(), datasets.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    datasets.logging.set_verbosity_error()
+def _quiet_libraries(quiet_libraries):
     yield
-    transformers.logging.set_verbosity(before[0])
-    datasets.logging.set_verbosity(before[1])
 
 
 def _llama(tmp_path: Path, name: str, **fields) -> Path:
