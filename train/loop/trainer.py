@@ -178,8 +178,6 @@ def train(cfg: Config) -> dict:
         TrainingError: a non-finite loss; the last good checkpoint is kept.
         Preempted: a stop requested by a signal or ``trainer.max_time``, after a checkpoint.
     """
-    import torch
-
     # ---- model description, tokenizer, batch plan, accelerator, the run directory's lock (cheap; fail
     # before any heavy work). The lock is held until train() returns or raises.
     with setup_run(cfg) as run:
@@ -235,36 +233,7 @@ def train(cfg: Config) -> dict:
                 denominators, counts = global_step_sums(micro_batches, prepared.counts, mode, weights, plan,
                                                         accelerator)
                 ctx.lr = set_lr(optimizer, cfg.optim.lr * lr_at(ctx.step))
-                numerator_sums = torch.zeros(len(weights), device=accelerator.device)  # (losses,) in weights' order
-                # accelerate syncs and steps when its micro-batch counter hits a multiple of grad_accum. A step
-                # always runs exactly grad_accum micro-batches, so start each one at 0: a counter restored from a
-                # checkpoint written with another accumulation (another rank count) would otherwise step mid-batch.
-                accelerator.step = 0
-                grad_norm = None
-                for batch in micro_batches:
-                    batch = {k: v.to(accelerator.device, non_blocking=True) if hasattr(v, "to") else v
-                             for k, v in batch.items()}  # pinned by the feed when the device is a GPU
-                    with accelerator.accumulate(model):
-                        with accelerator.autocast():  # trainer.loss_chunk_tokens: the loss applies the output layer
-                            logits = (model_forward(model, batch, kind) if cfg.trainer.loss_chunk_tokens is None
-                                      else head_inputs(model, batch, kind, chunk_tokens=cfg.trainer.loss_chunk_tokens))
-                        numerators = losses.local_numerators(logits, batch, mode, weights)
-                        # accelerate (and DeepSpeed) divide by grad_accum and DDP averages over ranks: undo both,
-                        # so the summed gradient is exactly
-                        # d(sum_k weight_k * global numerator_k / global denominator_k).
-                        loss = losses.weighted_loss(numerators, denominators, weights, mode=mode,
-                                                    world_size=plan.world_size)
-                        accelerator.backward(loss * plan.grad_accum)
-                        numerator_sums += torch.stack([n.detach() for n in numerators.values()])
-                        if accelerator.sync_gradients and cfg.optim.clip_grad_norm and not cfg.trainer.deepspeed:
-                            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm)
-                        optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
-                if cfg.trainer.deepspeed and hasattr(model, "get_global_grad_norm"):
-                    grad_norm = model.get_global_grad_norm()  # DeepSpeed clips inside its step and keeps the norm
-                step_sums = (accelerator.reduce(numerator_sums, reduction="sum") if plan.world_size > 1
-                             else numerator_sums)
-                components = losses.step_losses(dict(zip(weights, step_sums.tolist())), denominators, mode)
+                components, grad_norm = run_step(cfg, run, model, optimizer, micro_batches, denominators, weights)
                 # the weighted total
                 ctx.last_loss = sum(weights[k] * v for k, v in components.items() if v is not None)
                 if cfg.trainer.nan_guard and not math.isfinite(ctx.last_loss):
@@ -618,6 +587,49 @@ def set_lr(optimizer: Any, lr: float) -> float:
     for group in optimizer.param_groups:
         group["lr"] = lr
     return lr
+
+
+def run_step(cfg: Config, run: RunSetup, model: Any, optimizer: Any, micro_batches: list[dict],
+             denominators: dict[str, float], weights: dict[str, float]) -> tuple[dict, Any]:
+    """Forward, backward and one optimizer step over this rank's micro-batches of a step.
+
+    Returns:
+        (each loss of the step, ``{name: global numerator / global denominator or None}``; the gradient norm
+        before clipping, or None when nothing clips).
+    """
+    import torch
+
+    accelerator, plan, kind, mode = run.accelerator, run.plan, run.info.kind, cfg.trainer.loss_normalization
+    numerator_sums = torch.zeros(len(weights), device=accelerator.device)  # (losses,) in weights' order
+    # accelerate syncs and steps when its micro-batch counter hits a multiple of grad_accum. A step
+    # always runs exactly grad_accum micro-batches, so start each one at 0: a counter restored from a
+    # checkpoint written with another accumulation (another rank count) would otherwise step mid-batch.
+    accelerator.step = 0
+    grad_norm = None
+    for batch in micro_batches:
+        batch = {k: v.to(accelerator.device, non_blocking=True) if hasattr(v, "to") else v
+                 for k, v in batch.items()}  # pinned by the feed when the device is a GPU
+        with accelerator.accumulate(model):
+            with accelerator.autocast():  # trainer.loss_chunk_tokens: the loss applies the output layer
+                logits = (model_forward(model, batch, kind) if cfg.trainer.loss_chunk_tokens is None
+                          else head_inputs(model, batch, kind, chunk_tokens=cfg.trainer.loss_chunk_tokens))
+            numerators = losses.local_numerators(logits, batch, mode, weights)
+            # accelerate (and DeepSpeed) divide by grad_accum and DDP averages over ranks: undo both,
+            # so the summed gradient is exactly
+            # d(sum_k weight_k * global numerator_k / global denominator_k).
+            loss = losses.weighted_loss(numerators, denominators, weights, mode=mode,
+                                        world_size=plan.world_size)
+            accelerator.backward(loss * plan.grad_accum)
+            numerator_sums += torch.stack([n.detach() for n in numerators.values()])
+            if accelerator.sync_gradients and cfg.optim.clip_grad_norm and not cfg.trainer.deepspeed:
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    if cfg.trainer.deepspeed and hasattr(model, "get_global_grad_norm"):
+        grad_norm = model.get_global_grad_norm()  # DeepSpeed clips inside its step and keeps the norm
+    step_sums = (accelerator.reduce(numerator_sums, reduction="sum") if plan.world_size > 1
+                 else numerator_sums)
+    return losses.step_losses(dict(zip(weights, step_sums.tolist())), denominators, mode), grad_norm
 
 
 def record_step(cfg: Config, ctx: TrainContext, counts: dict[str, float], tasks: list[str], grad_norm: Any,
