@@ -91,6 +91,7 @@ def load_script(name: str):
         sys.path.insert(0, str(REPO_ROOT / "scripts"))
     spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # before it runs: dataclasses resolve their string annotations there
     spec.loader.exec_module(module)
     return module
 

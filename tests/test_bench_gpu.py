@@ -1,6 +1,5 @@
 """scripts/bench_gpu.py: the FLOPs / MFU formula on hand examples, and the ``--smoke`` run end to end on the CPU."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -8,19 +7,9 @@ import sys
 
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, load_script
 
-
-def _load_bench():
-    # Registered in sys.modules before it runs: its dataclasses resolve their string annotations there.
-    spec = importlib.util.spec_from_file_location("bench_gpu", REPO_ROOT / "scripts" / "bench_gpu.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_gpu"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_bench()
+bench = load_script("bench_gpu")
 
 
 def test_decoder_flops_by_hand():
