@@ -26,13 +26,14 @@ What is compared:
   - ``trl_sft`` (decoder, when ``trl`` is installed): ``trl.SFTTrainer(packing=True)``, its BFD packing,
     the same rows per step as ``mtf_packed``. See scripts/bench_baselines.py for both baselines.
 
-  Each run trains ``--warmup-steps`` untimed steps, then ``--train-steps`` timed ones. The arms alternate,
+  Each run trains ``--warmup-steps`` untimed steps, then ``--train-steps`` timed ones (default: 8 for the
+  decoder, 32 for the enc-dec model, whose steps are about 10x shorter; see TIMED_STEPS). The arms alternate,
   the order reversed every round, for ``--repeats`` rounds (>= 3); each arm reports the median and the
   min-max of its per-round rates, each ratio the ratio of medians and the min-max of per-round ratios.
 
 Usage::
 
-    python scripts/bench_packing.py [--examples 6000] [--repeats 3] [--train-steps 8] [--threads 1] [--json]
+    python scripts/bench_packing.py [--examples 6000] [--repeats 3] [--train-steps N] [--threads 1] [--json]
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ MIXTURE = REPO / "data_mixtures" / "local_train.yaml"
 MODELS = {"decoder": REPO / "configs/models/llama_tiny.json", "encdec": REPO / "configs/models/t5_tiny.json"}
 # Row capacities of the training arms: the trainer's decoder default, and the demo's enc-dec ones.
 TRAIN_CAPS = {"decoder": {"max_tokens": 512}, "encdec": {"max_input_tokens": 256, "max_target_tokens": 64}}
+# Timed steps per round: a few seconds on one core for either kind. A t5_tiny step takes about a tenth of a
+# llama_tiny one, and at 8 steps its sub-second rounds moved a ratio by 20-30% from round to round.
+TIMED_STEPS = {"decoder": 8, "encdec": 32}
 LR = 1e-3
 PAD_BATCH = 32  # examples per pad-to-longest batch in the efficiency baseline
 # One data lane: the trainer's rows come from the one seeded stream in order, so the baselines can be given
@@ -153,7 +157,7 @@ def packer_speed(examples: list[dict], repeats: int, passes: int = 3) -> dict:
 # ----------------------------------------------------------------------------------------- training
 
 
-def mtf_run(cfg_overrides: list[str], kind: str, args: argparse.Namespace, work: Path) -> dict:
+def mtf_run(cfg_overrides: list[str], kind: str, args: argparse.Namespace, work: Path, timed: int) -> dict:
     """One real ``mtf train`` run (``train.loop.train``, in this process), timed from its metrics.jsonl.
 
     With ``logging.every_steps=1`` each step logs ``tokens_per_second`` over the window since the
@@ -164,7 +168,7 @@ def mtf_run(cfg_overrides: list[str], kind: str, args: argparse.Namespace, work:
 
     out = Path(tempfile.mkdtemp(prefix="mtf_", dir=work))
     cfg = bench_config(kind, args, f"run.output_dir={out}",
-                       f"trainer.max_steps={args.warmup_steps + args.train_steps}", *cfg_overrides)
+                       f"trainer.max_steps={args.warmup_steps + timed}", *cfg_overrides)
     train(cfg)
     logged = [m for m in read_metrics(out) if "tokens_per_second" in m]
     seen = [0] + [m["tokens_seen"] for m in logged]
@@ -180,7 +184,8 @@ def train_throughput(kind: str, args: argparse.Namespace, tokenizer, work: Path)
     """Alternate the training arms of one model kind (see the module docstring); rates, ratios and settings."""
     from train.modeling import build_run_model, load_model_config
 
-    steps = args.warmup_steps + args.train_steps
+    timed = args.train_steps or TIMED_STEPS[kind]
+    steps = args.warmup_steps + timed
     cfg = bench_config(kind, args)
     stream = example_stream(cfg, tokenizer, kind)
     caps = TRAIN_CAPS[kind]
@@ -209,11 +214,11 @@ def train_throughput(kind: str, args: argparse.Namespace, tokenizer, work: Path)
 
     rows = args.rows_per_step
     arm("mtf_packed", lambda: mtf_run(["data.packing=true", f"trainer.global_batch_size={rows}",
-                                       f"trainer.micro_batch_size={rows}"], kind, args, work))
+                                       f"trainer.micro_batch_size={rows}"], kind, args, work, timed))
     arm("mtf_unpacked", lambda: mtf_run(["data.packing=false", f"trainer.global_batch_size={batch}",
-                                         f"trainer.micro_batch_size={batch}"], kind, args, work))
+                                         f"trainer.micro_batch_size={batch}"], kind, args, work, timed))
     arm("hf_trainer", lambda: bb.hf_trainer_run(
-        model(), tokenizer, singles, kind, batch_size=batch, warmup_steps=args.warmup_steps, steps=args.train_steps,
+        model(), tokenizer, singles, kind, batch_size=batch, warmup_steps=args.warmup_steps, steps=timed,
         lr=LR, seed=args.seed, out_dir=tempfile.mkdtemp(prefix="hf_", dir=work)))
     trl, why = bb.trl_version()
     skipped = {}
@@ -224,13 +229,13 @@ def train_throughput(kind: str, args: argparse.Namespace, tokenizer, work: Path)
     else:
         arm("trl_sft", lambda: bb.trl_sft_run(
             model(), tokenizer, singles, rows_per_step=rows, max_length=caps["max_tokens"],
-            warmup_steps=args.warmup_steps, steps=args.train_steps, lr=LR, seed=args.seed,
+            warmup_steps=args.warmup_steps, steps=timed, lr=LR, seed=args.seed,
             out_dir=tempfile.mkdtemp(prefix="trl_", dir=work)))
     rates = bb.alternate(arms, args.repeats)
     result = {
         "model": str(MODELS[kind].relative_to(REPO)), "capacity": caps, "rows_per_step": rows,
         "examples_per_packed_row": per_row, "examples_per_unpacked_step": batch,
-        "warmup_steps": args.warmup_steps, "timed_steps": args.train_steps, "repeats": args.repeats,
+        "warmup_steps": args.warmup_steps, "timed_steps": timed, "repeats": args.repeats,
         "tokens_per_s": {name: bb.spread(values) for name, values in rates.items()},
         # Same batches: mtf's unpacked run and the HF Trainer saw the same real tokens in every step.
         "same_batches_mtf_unpacked_hf": last["mtf_unpacked"]["step_tokens"] == last["hf_trainer"]["step_tokens"],
@@ -255,7 +260,8 @@ def main() -> None:
                         help="source rows per task (data.max_examples_per_task)")
     parser.add_argument("--repeats", type=int, default=5, help="alternating rounds of every timed arm (>= 3)")
     parser.add_argument("--warmup-steps", type=int, default=2, help="untimed training steps at the start of every run")
-    parser.add_argument("--train-steps", type=int, default=8, help="timed training steps of every run")
+    parser.add_argument("--train-steps", type=int, default=None,
+                        help=f"timed training steps of every run (default per kind: {TIMED_STEPS})")
     parser.add_argument("--rows-per-step", type=int, default=2, help="packed rows per training step")
     parser.add_argument("--kinds", nargs="+", choices=sorted(MODELS), default=["decoder", "encdec"],
                         help="model kinds of the training benchmark")
@@ -269,7 +275,7 @@ def main() -> None:
         sys.exit(f"bench_packing: needs the shared data folder {SHARED} (set MTF_SHARED_DIR)")
     if args.repeats < bb.MIN_REPEATS:
         parser.error(f"--repeats must be at least {bb.MIN_REPEATS}")
-    if args.warmup_steps < 1 or args.train_steps < 1:
+    if args.warmup_steps < 1 or (args.train_steps is not None and args.train_steps < 1):
         parser.error("--warmup-steps and --train-steps must be at least 1 (the first step is never timed)")
     from transformers import AutoTokenizer
 
