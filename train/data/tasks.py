@@ -357,25 +357,17 @@ class Task:
                                           "max_field_chars": max_field_chars, "row_ids": row_ids},
                                features=datasets.Features({**PROMPTED_FEATURES, **_SKIP_COLUMNS}),
                                new_fingerprint=fingerprint, desc=f"render {self.name}/{tpl.name}")
-            reasons = rendered["_skip_reason"]
-            counts = Counter(r for r in reasons if r)
-            first = {}
-            for i, r in enumerate(reasons):
-                if r and r not in first:
-                    first[r] = {"example_index": row_ids[i] if row_ids else i, "detail": rendered[i]["_skip_detail"]}
-            n = len(reasons)
-            report.entries[(self.metadata.eval_group, tpl.name)] = {
-                "rows": n, "rendered": n - sum(counts.values()), "skipped": dict(counts), "first_skip": first}
-            failures = counts[SKIP_MISSING_FIELD] + counts[SKIP_RENDER_ERROR]
+            counts = _tally_skips(report, self.metadata.eval_group, rendered)
+            n = len(rendered)
             if fails_on_data(counts, n, max_failure_fraction):
+                failures = counts[SKIP_MISSING_FIELD] + counts[SKIP_RENDER_ERROR]
                 reason = SKIP_MISSING_FIELD if counts[SKIP_MISSING_FIELD] else SKIP_RENDER_ERROR
+                first = report.entries[(self.metadata.eval_group, tpl.name)]["first_skip"][reason]
                 raise DataError(f"{self._where()}: template {tpl.name!r} of {tpl.file} failed on {failures}/{n} "
                                 f"rows (> {max_failure_fraction:.0%}); first: {reason} "
-                                f"{first[reason]['detail']!r} at example_index {first[reason]['example_index']}. "
+                                f"{first['detail']!r} at example_index {first['example_index']}. "
                                 f"Add the field with a preprocessor or deselect the template.")
-            kept = rendered.filter(lambda r: r == "", input_columns="_skip_reason",
-                                   new_fingerprint=_hash(["filter", fingerprint]))
-            parts.append(kept.remove_columns(list(_SKIP_COLUMNS)))
+            parts.append(_without_skips(rendered, fingerprint))
         out = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
         return out, report
 
@@ -412,29 +404,12 @@ class Task:
                           features=datasets.Features({**PROMPTED_FEATURES, **_SKIP_COLUMNS}),
                           new_fingerprint=fingerprint, desc=f"prompted {self.name}")
             offset += len(ds)
-            reasons = rows["_skip_reason"]
-            counts = Counter(r for r in reasons if r)
-            names = rows["template"] if cols.template_column else [template] * len(rows)
-            for name in dict.fromkeys(names):
-                idx = [i for i, n in enumerate(names) if n == name]
-                entry = report.entries.setdefault((self.metadata.eval_group, name), {
-                    "rows": 0, "rendered": 0, "skipped": {}, "first_skip": {}})
-                entry["rows"] += len(idx)
-                for i in idx:
-                    r = reasons[i]
-                    if not r:
-                        entry["rendered"] += 1
-                        continue
-                    entry["skipped"][r] = entry["skipped"].get(r, 0) + 1
-                    entry["first_skip"].setdefault(r, {"example_index": rows[i]["example_index"],
-                                                       "detail": rows[i]["_skip_detail"]})
+            counts = _tally_skips(report, self.metadata.eval_group, rows)
             if fails_on_data(counts, len(rows), max_failure_fraction):
                 raise DataError(f"{self._where()}: {path}: {sum(counts.values())}/{len(rows)} rows have no "
                                 f"{cols.inputs!r} or {cols.targets!r} value ({dict(counts)}); fix the file or "
                                 f"point prompted.inputs / prompted.targets at the right columns.")
-            kept = rows.filter(lambda r: r == "", input_columns="_skip_reason",
-                               new_fingerprint=_hash(["filter", fingerprint]))
-            parts.append(kept.remove_columns(list(_SKIP_COLUMNS)))
+            parts.append(_without_skips(rows, fingerprint))
         if not parts:
             raise DataError(f"{self._where()}: no prompted rows in split {self.split!r}"
                             + (f" with {cols.language_filter[0]} = {cols.language_filter[1]!r}" if cols.language_filter
@@ -476,6 +451,30 @@ class Task:
     def prompted(self, max_examples: Optional[int] = None, **kwargs: Any) -> datasets.Dataset:
         """Prompted examples of all selected templates (see :meth:`prompted_with_report`)."""
         return self.prompted_with_report(max_examples, **kwargs)[0]
+
+
+def _tally_skips(report: RenderReport, dataset: str, rows: datasets.Dataset) -> Counter:
+    """Add ``rows``' rendered and skipped counts, and each reason's first skipped row, to ``report`` per template
+    (parts of one template add up); return the skip reasons' counts of ``rows``."""
+    names, reasons = rows["template"], rows["_skip_reason"]
+    for (name, reason), n in Counter(zip(names, reasons)).items():
+        entry = report.entries.setdefault((dataset, name), {"rows": 0, "rendered": 0, "skipped": {}, "first_skip": {}})
+        entry["rows"] += n
+        if reason:
+            entry["skipped"][reason] = entry["skipped"].get(reason, 0) + n
+        else:
+            entry["rendered"] += n
+    for i, (name, reason) in enumerate(zip(names, reasons)):
+        first = report.entries[(dataset, name)]["first_skip"]
+        if reason and reason not in first:
+            first[reason] = {"example_index": rows[i]["example_index"], "detail": rows[i]["_skip_detail"]}
+    return Counter(r for r in reasons if r)
+
+
+def _without_skips(rows: datasets.Dataset, fingerprint: str) -> datasets.Dataset:
+    """The rendered rows, without the skipped ones and the skip columns (cached under ``fingerprint``)."""
+    kept = rows.filter(lambda r: r == "", input_columns="_skip_reason", new_fingerprint=_hash(["filter", fingerprint]))
+    return kept.remove_columns(list(_SKIP_COLUMNS))
 
 
 def _hash(obj: Any) -> str:

@@ -216,6 +216,11 @@ class EvalHook:
         self.logger: Optional[LoggingHook] = None
         self.evaluators: dict = {}  # per-template cap -> ZeroShotEvaluator (tokenizes once)
         self.eval_set = eval_set
+        self.zero_shot: list[str] = []  # the eval mixture's eval.held_out_languages, for the results' grid
+        if eval_set and self.cfg.mixture:
+            from train.evaluation.runner import zero_shot_languages
+
+            self.zero_shot = zero_shot_languages(self.cfg.mixture)  # read once, not at every evaluation
         if self.cfg.best_metric and eval_set:
             _check_best_metric(self.cfg.best_metric, eval_set)
 
@@ -245,12 +250,8 @@ class EvalHook:
         results = self._evaluator(ctx, cap)(ctx.model, accelerator=ctx.accelerator, batch_size=self.cfg.batch_size)
         ctx.model.train()
         results["step"] = ctx.step
-        if self.cfg.mixture:
-            from train.evaluation.runner import zero_shot_languages
-
-            zero_shot = zero_shot_languages(self.cfg.mixture)
-            if zero_shot:
-                results["zero_shot_languages"] = zero_shot
+        if self.zero_shot:
+            results["zero_shot_languages"] = self.zero_shot
         ctx.eval_results = results
         if ctx.accelerator.is_main_process:
             out = Path(ctx.cfg.run.output_dir) / "eval"
