@@ -345,7 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("mixture")
     p.add_argument("--steps", type=positive_int, default=1000)
     p.add_argument("--batch-tokens", type=positive_int, default=65536)
-    p.add_argument("--tokenizer", default="configs/tokenizers/t5")
+    p.add_argument("--tokenizer", default="configs/tokenizers/t5",
+                   help="tokenizer directory, or byt5 (bytes; needs no files)")
     p.add_argument("--kind", default="encdec", choices=["encdec", "decoder", "prefix_lm"])
     p.add_argument("--samples", type=positive_int, default=20000, help="stream samples drawn to measure realised shares")
     p.add_argument("--seed", type=int, default=42)

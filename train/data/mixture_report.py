@@ -269,13 +269,16 @@ def show_mixture(
     from train.data.pipeline import load_mixture_tasks
     from train.data.tokenization import tokenize_prompted
 
-    if tokenizer is None or isinstance(tokenizer, (str, Path)):
-        from train.config import ModelConfig
-        from train.modeling.models import load_tokenizer  # as training loads it (byt5 needs no files)
+    if tokenizer == "byt5":  # the byte tokenizer needs no files
+        from transformers import ByT5Tokenizer
 
-        if tokenizer != "byt5" and (tokenizer is None or not Path(tokenizer).is_dir()):
+        tokenizer = ByT5Tokenizer()
+    elif tokenizer is None or isinstance(tokenizer, (str, Path)):
+        from transformers import AutoTokenizer
+
+        if tokenizer is None or not Path(tokenizer).is_dir():
             raise ConfigError(f"--tokenizer must be a folder with tokenizer files or `byt5`, got {tokenizer!r}.")
-        tokenizer = load_tokenizer(ModelConfig(tokenizer=str(tokenizer)))
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
     spec, tasks = load_mixture_tasks(path, data_root=data_root)
     tokenized = {}
     for name in spec.task_names():
